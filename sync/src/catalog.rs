@@ -1,0 +1,448 @@
+//! Catalog operations: layers, versions, refs and the reflog.
+//!
+//! Refs move only by compare-and-swap: [`Store::commit_version`] reads the
+//! ref, compares it with the expected old version and writes the new
+//! version, the ref and a reflog entry in one synced batch, all under the
+//! store's commit lock (other processes are excluded by the writer lock).
+
+use std::collections::{BinaryHeap, HashMap};
+
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::{LayerId, VersionId};
+use crate::layer::{check_layer_name, Layer, LayerFormat, LayerKind};
+use crate::store::keys::{
+    layer_ref, prefix_end, reflog_key, reflog_prefix, CF_FILECACHE, CF_LAYERS, CF_REFLOG, CF_REFS,
+    CF_VERSIONS,
+};
+use crate::store::{cf, Store};
+use crate::version::{SpecBase, Version, VersionSpec};
+
+/// One journalled move of a ref.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReflogEntry {
+    /// Target before the move (`None`: the ref did not exist).
+    pub old: Option<VersionId>,
+    /// Target after the move (`None`: the ref was deleted).
+    pub new: Option<VersionId>,
+    /// When, nanoseconds since the epoch.
+    pub time_ns: i64,
+    /// What moved it, e.g. `import`.
+    pub action: String,
+}
+
+/// Current time in nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn corrupt(what: String) -> impl FnOnce(postcard::Error) -> Error {
+    move |e| Error::RecordCorrupt {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising plain data into a Vec cannot fail (see `Node::encode`).
+    #[allow(clippy::expect_used)]
+    postcard::to_allocvec(v).expect("postcard serialises into a Vec")
+}
+
+impl Store {
+    fn db_err(&self, op: impl Into<String>) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
+        let op = op.into();
+        move |source| Error::Db {
+            path: self.root().join("catalog"),
+            op,
+            source,
+        }
+    }
+
+    pub(crate) fn write_synced(&self, batch: WriteBatch, op: &str) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(self.db_err(op))
+    }
+
+    /// Creates a layer.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`], [`Error::LayerExists`], catalog failures.
+    pub fn create_layer(&self, name: &str, kind: LayerKind, format: LayerFormat) -> Result<Layer> {
+        self.require_write()?;
+        check_layer_name(name)?;
+        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let layers = cf(&self.db, CF_LAYERS)?;
+        if self
+            .db
+            .get_pinned_cf(layers, name.as_bytes())
+            .map_err(self.db_err("read layer"))?
+            .is_some()
+        {
+            return Err(Error::LayerExists { name: name.into() });
+        }
+        let layer = Layer {
+            id: LayerId::random(),
+            name: name.into(),
+            kind,
+            format,
+            created_ns: now_ns(),
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(layers, name.as_bytes(), encode(&layer));
+        self.write_synced(batch, "create layer")?;
+        Ok(layer)
+    }
+
+    /// The layer named `name`.
+    ///
+    /// # Errors
+    /// [`Error::LayerNotFound`], catalog failures.
+    pub fn layer(&self, name: &str) -> Result<Layer> {
+        let v = self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_LAYERS)?, name.as_bytes())
+            .map_err(self.db_err("read layer"))?
+            .ok_or_else(|| Error::LayerNotFound { name: name.into() })?;
+        postcard::from_bytes(&v).map_err(corrupt(format!("layers/{name}")))
+    }
+
+    /// Every layer, sorted by name.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn layers(&self) -> Result<Vec<Layer>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf(&self.db, CF_LAYERS)?, IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(self.db_err("list layers"))?;
+            out.push(
+                postcard::from_bytes(&v)
+                    .map_err(corrupt(format!("layers/{}", String::from_utf8_lossy(&k))))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Target of ref `name`.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn ref_target(&self, name: &str) -> Result<Option<VersionId>> {
+        let v = self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_REFS)?, name.as_bytes())
+            .map_err(self.db_err("read ref"))?;
+        v.map(|v| {
+            VersionId::from_slice(&v).ok_or_else(|| Error::RecordCorrupt {
+                what: format!("refs/{name}"),
+                reason: format!("{} bytes, expected 32", v.len()),
+            })
+        })
+        .transpose()
+    }
+
+    /// Every ref and its target.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn refs(&self) -> Result<Vec<(String, VersionId)>> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(cf(&self.db, CF_REFS)?, IteratorMode::Start)
+        {
+            let (k, v) = item.map_err(self.db_err("list refs"))?;
+            let name = String::from_utf8_lossy(&k).into_owned();
+            let id = VersionId::from_slice(&v).ok_or_else(|| Error::RecordCorrupt {
+                what: format!("refs/{name}"),
+                reason: format!("{} bytes, expected 32", v.len()),
+            })?;
+            out.push((name, id));
+        }
+        Ok(out)
+    }
+
+    /// The head version of `layer`, if it has any.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn head(&self, layer: &Layer) -> Result<Option<VersionId>> {
+        self.ref_target(&layer_ref(&layer.name))
+    }
+
+    /// The version `id`.
+    ///
+    /// # Errors
+    /// [`Error::VersionCorrupt`] if absent or damaged, catalog failures.
+    pub fn version(&self, id: VersionId) -> Result<Version> {
+        let v = self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_VERSIONS)?, id.as_bytes())
+            .map_err(self.db_err("read version"))?
+            .ok_or_else(|| Error::VersionCorrupt {
+                id,
+                reason: "missing from the catalog".into(),
+            })?;
+        Version::decode(id, &v)
+    }
+
+    /// Resolves a version spec (`head`, `head~2`, an id prefix…) of `layer`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a malformed spec,
+    /// [`Error::VersionNotFound`], [`Error::VersionAmbiguous`].
+    pub fn resolve(&self, layer: &Layer, spec: &str) -> Result<VersionId> {
+        let parsed = VersionSpec::parse(spec)?;
+        let not_found = || Error::VersionNotFound {
+            layer: layer.name.clone(),
+            spec: spec.to_owned(),
+        };
+        let mut id = match &parsed.base {
+            SpecBase::Head => self.head(layer)?.ok_or_else(not_found)?,
+            SpecBase::Prefix(p) => self.find_prefix(layer, spec, p)?,
+        };
+        for _ in 0..parsed.back {
+            id = *self.version(id)?.parents.first().ok_or_else(not_found)?;
+        }
+        Ok(id)
+    }
+
+    fn find_prefix(&self, layer: &Layer, spec: &str, prefix: &str) -> Result<VersionId> {
+        let even = &prefix[..prefix.len() - prefix.len() % 2];
+        let start =
+            hex::decode(even).map_err(|_| Error::InvalidInput(format!("bad version `{spec}`")))?;
+        let versions = cf(&self.db, CF_VERSIONS)?;
+        let mut found = Vec::new();
+        let iter = self
+            .db
+            .iterator_cf(versions, IteratorMode::From(&start, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(self.db_err("search versions"))?;
+            if !k.starts_with(&start) {
+                break;
+            }
+            let Some(id) = VersionId::from_slice(&k) else {
+                continue;
+            };
+            if !id.to_hex().starts_with(prefix) {
+                continue;
+            }
+            if Version::decode(id, &v)?.layer == layer.id {
+                found.push(id);
+            }
+        }
+        match found.len() {
+            0 => Err(Error::VersionNotFound {
+                layer: layer.name.clone(),
+                spec: spec.to_owned(),
+            }),
+            1 => Ok(found[0]),
+            _ => Err(Error::VersionAmbiguous {
+                layer: layer.name.clone(),
+                spec: spec.to_owned(),
+                candidates: found.iter().map(|v| v.short()).collect(),
+            }),
+        }
+    }
+
+    /// Versions reachable from the head of `layer`, newest first.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn log(&self, layer: &Layer) -> Result<Vec<(VersionId, Version)>> {
+        let mut out = Vec::new();
+        let Some(head) = self.head(layer)? else {
+            return Ok(out);
+        };
+        let mut found = HashMap::new();
+        let mut heap = BinaryHeap::new();
+        let v = self.version(head)?;
+        heap.push((v.time_ns, head));
+        found.insert(head, Some(v));
+        while let Some((_, id)) = heap.pop() {
+            let Some(v) = found.get_mut(&id).and_then(Option::take) else {
+                continue;
+            };
+            for p in &v.parents {
+                if !found.contains_key(p) {
+                    let pv = self.version(*p)?;
+                    heap.push((pv.time_ns, *p));
+                    found.insert(*p, Some(pv));
+                }
+            }
+            out.push((id, v));
+        }
+        Ok(out)
+    }
+
+    /// Writes `version` and moves the head of `layer` to it, provided the
+    /// head is still `expected`. `extra` may add writes to the same batch.
+    /// Durable when it returns.
+    ///
+    /// # Errors
+    /// [`Error::RefConflict`] if the head moved, catalog failures.
+    pub fn commit_version(
+        &self,
+        layer: &Layer,
+        expected: Option<VersionId>,
+        version: &Version,
+        action: &str,
+        extra: &mut dyn FnMut(&Store, &mut WriteBatch) -> Result<()>,
+    ) -> Result<VersionId> {
+        self.require_write()?;
+        let (id, bytes) = version.encode();
+        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // The layer may have been removed since the caller looked it up.
+        if self.layer(&layer.name)?.id != layer.id {
+            return Err(Error::LayerNotFound {
+                name: layer.name.clone(),
+            });
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf(&self.db, CF_VERSIONS)?, id.as_bytes(), &bytes);
+        self.move_ref(
+            &mut batch,
+            &layer_ref(&layer.name),
+            expected,
+            Some(id),
+            action,
+        )?;
+        extra(self, &mut batch)?;
+        self.write_synced(batch, "commit version")?;
+        Ok(id)
+    }
+
+    /// Adds a compare-and-swap ref move and its reflog entry to `batch`.
+    /// The caller holds the commit lock.
+    fn move_ref(
+        &self,
+        batch: &mut WriteBatch,
+        name: &str,
+        expected: Option<VersionId>,
+        new: Option<VersionId>,
+        action: &str,
+    ) -> Result<()> {
+        let current = self.ref_target(name)?;
+        if current != expected {
+            let show = |v: Option<VersionId>| v.map_or_else(|| "nothing".into(), |v| v.short());
+            return Err(Error::RefConflict {
+                name: name.to_owned(),
+                expected: show(expected),
+                found: show(current),
+            });
+        }
+        let refs = cf(&self.db, CF_REFS)?;
+        match new {
+            Some(v) => batch.put_cf(refs, name.as_bytes(), v.as_bytes()),
+            None => batch.delete_cf(refs, name.as_bytes()),
+        }
+        let entry = ReflogEntry {
+            old: current,
+            new,
+            time_ns: now_ns(),
+            action: action.to_owned(),
+        };
+        let seq = self.next_reflog_seq(name)?;
+        batch.put_cf(
+            cf(&self.db, CF_REFLOG)?,
+            reflog_key(name, seq),
+            encode(&entry),
+        );
+        Ok(())
+    }
+
+    fn next_reflog_seq(&self, name: &str) -> Result<u64> {
+        let prefix = reflog_prefix(name);
+        let reflog = cf(&self.db, CF_REFLOG)?;
+        let end = prefix_end(&prefix);
+        let mode = match &end {
+            Some(end) => IteratorMode::From(end, Direction::Reverse),
+            None => IteratorMode::End,
+        };
+        for item in self.db.iterator_cf(reflog, mode) {
+            let (k, _) = item.map_err(self.db_err("read reflog"))?;
+            if let Some(seq) = k.strip_prefix(prefix.as_slice()) {
+                let seq = <[u8; 8]>::try_from(seq).map_err(|_| Error::RecordCorrupt {
+                    what: format!("reflog of {name}"),
+                    reason: "bad sequence number".into(),
+                })?;
+                return Ok(u64::from_be_bytes(seq) + 1);
+            }
+            if k.as_ref() < prefix.as_slice() {
+                break;
+            }
+        }
+        Ok(0)
+    }
+
+    /// The reflog of ref `name`, oldest first.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn reflog(&self, name: &str) -> Result<Vec<ReflogEntry>> {
+        let prefix = reflog_prefix(name);
+        let mut out = Vec::new();
+        self.each_reflog(&prefix, &mut |_, e| {
+            out.push(e);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f(key, entry)` for every reflog entry whose key starts with
+    /// `prefix` (empty: all).
+    pub(crate) fn each_reflog(
+        &self,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], ReflogEntry) -> Result<()>,
+    ) -> Result<()> {
+        let reflog = cf(&self.db, CF_REFLOG)?;
+        for item in self
+            .db
+            .iterator_cf(reflog, IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (k, v) = item.map_err(self.db_err("read reflog"))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let e = postcard::from_bytes(&v)
+                .map_err(corrupt(format!("reflog/{}", String::from_utf8_lossy(&k))))?;
+            f(&k, e)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a layer and its head ref. The move is journalled, so its
+    /// versions stay reachable (and restorable) until the reflog entry is
+    /// expired by `gc`.
+    ///
+    /// # Errors
+    /// [`Error::LayerNotFound`], catalog failures.
+    pub fn remove_layer(&self, name: &str) -> Result<()> {
+        self.require_write()?;
+        let layer = self.layer(name)?;
+        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(cf(&self.db, CF_LAYERS)?, name.as_bytes());
+        let r = layer_ref(name);
+        let head = self.ref_target(&r)?;
+        if head.is_some() {
+            self.move_ref(&mut batch, &r, head, None, "layer rm")?;
+        }
+        let fc = cf(&self.db, CF_FILECACHE)?;
+        let start = layer.id.0.to_vec();
+        if let Some(end) = prefix_end(&start) {
+            batch.delete_range_cf(fc, start, end);
+        }
+        self.write_synced(batch, "remove layer")
+    }
+}

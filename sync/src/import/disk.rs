@@ -1,0 +1,108 @@
+//! Importing a raw disk image.
+//!
+//! The image is read in fixed clusters, skipping the holes the file system
+//! reports (SEEK_DATA/SEEK_HOLE) without reading them. All-zero clusters are
+//! dropped like holes: a disk layer never stores zeros.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::cache::{Cache, CacheEntry, Stamp, DISK_KEY};
+use super::pipeline::{self, ChunkCounters};
+use super::tree::next_data;
+use super::ImportStats;
+use crate::chunk::{is_zero, CLUSTER_SIZE};
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::{DiskBuilder, DiskRoot, Node, Root};
+use crate::progress::Progress;
+use crate::store::Store;
+
+/// Clusters read per `pread`.
+const READ_CLUSTERS: u64 = 64;
+
+/// Imports the image at `path`; returns the root node and the new cache.
+pub(super) fn import_disk(
+    store: &Store,
+    path: &Path,
+    old_cache: &Cache,
+    threads: usize,
+    counters: &ChunkCounters,
+    progress: &dyn Progress,
+    stats: &mut ImportStats,
+) -> Result<(Node, Cache)> {
+    let file = File::open(path).ctx(path, "open")?;
+    let meta = file.metadata().ctx(path, "stat")?;
+    if !meta.is_file() {
+        return Err(Error::Unsupported {
+            path: path.to_owned(),
+            reason: "a disk layer imports a regular image file".into(),
+        });
+    }
+    let size = meta.len();
+    let stamp = Stamp::of(&meta);
+    stats.files = 1;
+    stats.bytes = size;
+    let mut new_cache = Cache::new();
+    if let Some(CacheEntry::Disk { stamp: s, root }) = old_cache.get(DISK_KEY) {
+        if *s == stamp {
+            if let Ok(node @ Node::Root(Root::Disk(_))) =
+                crate::manifest::NodeSource::load(store, *root)
+            {
+                stats.bytes_cached = size;
+                new_cache.insert(DISK_KEY.to_vec(), CacheEntry::Disk { stamp, root: *root });
+                return Ok((node, new_cache));
+            }
+        }
+    }
+    progress.phase("import", Some(size));
+    let cs = u64::from(CLUSTER_SIZE);
+    let mut builder = DiskBuilder::new(size, CLUSTER_SIZE);
+    let levels = builder.levels();
+    let top = pipeline::run(store.backend(), threads, counters, progress, |sink| {
+        let mut put = |node: Node| store.put_node(&node);
+        let mut buf = vec![0u8; (READ_CLUSTERS * cs) as usize];
+        let mut next_cluster = 0u64;
+        let mut pos = 0u64;
+        while let Some((start, end)) = next_data(&file, path, pos, size)? {
+            let first = (start / cs).max(next_cluster);
+            let last = end.div_ceil(cs);
+            sink.skip((first * cs).saturating_sub(next_cluster * cs));
+            let mut c = first;
+            while c < last {
+                let n = (last - c).min(READ_CLUSTERS);
+                let off = c * cs;
+                let len = (n * cs).min(size - off) as usize;
+                file.read_exact_at(&mut buf[..len], off).ctx(path, "read")?;
+                sink.read(len as u64);
+                for (i, data) in buf[..len].chunks(cs as usize).enumerate() {
+                    if is_zero(data) {
+                        sink.skip(data.len() as u64);
+                        continue;
+                    }
+                    let id = sink.add(data)?;
+                    builder.push(c + i as u64, id, &mut put)?;
+                }
+                c += n;
+            }
+            next_cluster = last;
+            pos = end.max(last * cs).min(size);
+        }
+        builder.finish(&mut put)
+    })?;
+    let root = Node::Root(Root::Disk(DiskRoot {
+        size,
+        cluster_size: CLUSTER_SIZE,
+        levels,
+        top,
+    }));
+    let (root_id, _) = root.encode();
+    new_cache.insert(
+        DISK_KEY.to_vec(),
+        CacheEntry::Disk {
+            stamp,
+            root: root_id,
+        },
+    );
+    Ok((root, new_cache))
+}

@@ -1,0 +1,148 @@
+//! The chunk pipeline of an import.
+//!
+//! The walking thread reads, cuts and hashes data (cheap: FastCDC and BLAKE3
+//! run at several GB/s) and asks the backend whether each chunk is known.
+//! Only new chunks are copied and queued to the workers, which compress
+//! (the expensive part) and store them. The queue is bounded, so memory stays
+//! at about `QUEUE_DEPTH × CDC_MAX` however large the import.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crossbeam_channel::{bounded, Sender};
+
+use crate::backend::ChunkBackend;
+use crate::chunk::Sealer;
+use crate::error::{Error, Result};
+use crate::id::ChunkId;
+use crate::progress::Progress;
+
+/// Chunks queued to the workers at most.
+const QUEUE_DEPTH: usize = 64;
+/// Ids of queued chunks remembered to skip repeats within one import. The set
+/// is cleared when it reaches this size: a repeat then costs one more index
+/// lookup (the backend dedups it), never a second copy.
+const SENT_MEMORY: usize = 1 << 20;
+
+/// Counters of an import's chunk traffic.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkCounters {
+    pub chunks: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub chunks_new: AtomicU64,
+    pub bytes_new: AtomicU64,
+    pub stored_new: AtomicU64,
+}
+
+/// Where the walking thread sends chunk data.
+pub(crate) struct ChunkSink<'a> {
+    backend: &'a dyn ChunkBackend,
+    tx: Sender<(ChunkId, Vec<u8>)>,
+    sent: HashSet<ChunkId>,
+    failure: &'a Mutex<Option<Error>>,
+    counters: &'a ChunkCounters,
+    progress: &'a dyn Progress,
+}
+
+impl ChunkSink<'_> {
+    /// Registers one chunk of data and returns its id; queues it for storage
+    /// if the store lacks it.
+    pub fn add(&mut self, data: &[u8]) -> Result<ChunkId> {
+        let id = ChunkId::of(data);
+        self.counters.chunks.fetch_add(1, Ordering::Relaxed);
+        self.progress.advance(data.len() as u64);
+        if self.sent.contains(&id) || self.backend.has(&id)? {
+            return Ok(id);
+        }
+        if let Some(e) = take(self.failure) {
+            return Err(e);
+        }
+        if self.sent.len() >= SENT_MEMORY {
+            self.sent.clear();
+        }
+        self.sent.insert(id);
+        self.counters.chunks_new.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_new
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if self.tx.send((id, data.to_vec())).is_err() {
+            // Workers only stop early after recording a failure.
+            return Err(take(self.failure).unwrap_or_else(|| {
+                Error::InvalidInput("chunk workers stopped unexpectedly".into())
+            }));
+        }
+        Ok(id)
+    }
+
+    /// Notes bytes read from the source.
+    pub fn read(&self, bytes: u64) {
+        self.counters.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Notes bytes covered without reading them (cached or holes).
+    pub fn skip(&self, bytes: u64) {
+        self.progress.advance(bytes);
+    }
+}
+
+fn take(failure: &Mutex<Option<Error>>) -> Option<Error> {
+    failure.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
+/// Runs `walk` with a [`ChunkSink`] backed by `threads` storing workers, and
+/// returns its result once every queued chunk is stored (not yet flushed).
+pub(crate) fn run<T>(
+    backend: &dyn ChunkBackend,
+    threads: usize,
+    counters: &ChunkCounters,
+    progress: &dyn Progress,
+    walk: impl FnOnce(&mut ChunkSink<'_>) -> Result<T>,
+) -> Result<T> {
+    let failure = Mutex::new(None);
+    let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(QUEUE_DEPTH);
+    let result = std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            let rx = rx.clone();
+            let failure = &failure;
+            scope.spawn(move || {
+                let mut sealer = Sealer::new();
+                for (id, data) in rx {
+                    let sealed = sealer.seal(id, &data);
+                    let stored = sealed.data.len() as u64;
+                    match backend.put(sealed) {
+                        Ok(true) => {
+                            counters.stored_new.fetch_add(stored, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            failure
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            // Returning drops this receiver; the walker sees
+                            // the failure on its next chunk.
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        drop(rx);
+        let mut sink = ChunkSink {
+            backend,
+            tx,
+            sent: HashSet::new(),
+            failure: &failure,
+            counters,
+            progress,
+        };
+        let r = walk(&mut sink);
+        drop(sink);
+        r
+    });
+    if let Some(e) = take(&failure) {
+        return Err(e);
+    }
+    result
+}

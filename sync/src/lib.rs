@@ -1,0 +1,76 @@
+//! `lamina-sync`: Lamina's versioned, content-addressed layer store.
+//!
+//! # Model
+//!
+//! * A **chunk** is immutable bytes named by the BLAKE3 of those bytes
+//!   ([`ChunkId`]). Files are cut by FastCDC, disk images at fixed 64 KiB
+//!   clusters ([`chunk`]). Chunks are stored once, zstd-compressed when that
+//!   is smaller, in a [`ChunkBackend`] (pack files by default).
+//! * A **layer** ([`Layer`]) is a named, versioned unit with a kind (`os`…
+//!   `data`) and a format (`tree` or `disk`).
+//! * A **version** ([`Version`]) is an immutable snapshot of a layer: parents,
+//!   time, author, message and a root **manifest** ([`manifest`]), a Merkle
+//!   tree of nodes stored as chunks.
+//! * A **ref** names a version and moves only by compare-and-swap; every move
+//!   is journalled in the **reflog**.
+//!
+//! # Flow
+//!
+//! [`Store::import`] walks a directory or raw image, cuts and hashes its data
+//! on the calling thread, compresses and stores new chunks on worker threads,
+//! builds the manifest bottom-up, syncs the packs and then commits the
+//! version and ref move in one synced catalog batch. [`Store::export`] writes
+//! a version back out; [`Store::diff`] compares two versions; [`Store::fsck`]
+//! verifies everything; [`Store::gc`] removes unreachable chunks.
+//!
+//! # Threads
+//!
+//! Everything here is synchronous. An import uses the calling thread plus one
+//! worker per core (scoped; none outlive the call). A [`Store`] is
+//! `Send + Sync`; async callers must reach it through `spawn_blocking` or a
+//! dedicated thread.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use lamina_sync::{Store, OpenOptions, Access, LayerKind, LayerFormat, ImportOptions};
+//! # fn main() -> Result<(), lamina_sync::Error> {
+//! let root = std::path::Path::new("/tmp/store");
+//! Store::init(root)?;
+//! let store = Store::open(root, &OpenOptions::new(Access::Write))?;
+//! store.create_layer("os/base", LayerKind::Os, LayerFormat::Tree)?;
+//! let report = store.import("os/base", "/srv/rootfs".as_ref(), &ImportOptions::default())?;
+//! println!("new version {}", report.version);
+//! # Ok(()) }
+//! ```
+
+pub mod backend;
+mod catalog;
+mod changes;
+pub mod chunk;
+mod error;
+mod export;
+mod fsck;
+mod gc;
+mod id;
+mod import;
+mod layer;
+pub mod manifest;
+mod progress;
+mod reach;
+mod store;
+mod version;
+
+pub use backend::{BackendProblem, BackendStats, ChunkBackend, ReclaimStats};
+pub use catalog::{now_ns, ReflogEntry};
+pub use changes::Diff;
+pub use error::{Error, ErrorKind, Result};
+pub use export::{ExportOptions, ExportReport};
+pub use fsck::{FsckReport, Problem};
+pub use gc::{GcOptions, GcReport};
+pub use id::{ChunkId, LayerId, ManifestId, PackId, ParseIdError, VersionId};
+pub use import::{ImportOptions, ImportReport, ImportStats};
+pub use layer::{check_layer_name, Layer, LayerFormat, LayerKind};
+pub use progress::{NoProgress, Progress};
+pub use store::{Access, LockWait, OpenOptions, Store, WaitNotice};
+pub use version::{split_layer_spec, SpecBase, Version, VersionSpec};

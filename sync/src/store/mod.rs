@@ -1,0 +1,442 @@
+//! The store: a directory holding the catalog (RocksDB) and the chunk
+//! backend's packs.
+//!
+//! ```text
+//! STORE/
+//!   lamina-store      marker: format version and store id
+//!   catalog/          RocksDB (see keys.rs for the column families)
+//!   packs/XX/*.pack   chunk records (local backend)
+//!   lock, gc.lock     inter-process locks (see lock.rs)
+//!   tmp/              scratch (reader secondaries, export staging)
+//! ```
+//!
+//! A [`Store`] is `Send + Sync`; one logical change (a version plus its ref
+//! move, a layer creation) is one RocksDB write batch, synced before the
+//! call returns.
+
+pub(crate) mod keys;
+pub(crate) mod lock;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rocksdb::{BlockBasedOptions, DBCompressionType, LogLevel, Options, DB};
+
+use crate::backend::{ChunkBackend, LocalBackend};
+use crate::chunk::Sealer;
+use crate::error::{Error, IoContext, Result};
+use crate::id::{ChunkId, ManifestId};
+use crate::manifest::{Node, NodeSource};
+
+pub use lock::{Access, LockWait, WaitNotice};
+
+/// Name of the marker file.
+const MARKER: &str = "lamina-store";
+/// Store format this code reads and writes.
+const FORMAT: u32 = 1;
+const CATALOG_DIR: &str = "catalog";
+const PACKS_DIR: &str = "packs";
+const TMP_DIR: &str = "tmp";
+
+/// How to open a store.
+pub struct OpenOptions<'a> {
+    /// Read, write or gc access.
+    pub access: Access,
+    /// What to do if another process holds the store.
+    pub wait: LockWait,
+    /// Told who holds the store when a wait starts.
+    pub notice: WaitNotice<'a>,
+    /// Recorded in the lock file so other processes can say who holds it.
+    pub command: String,
+}
+
+impl OpenOptions<'_> {
+    /// Options for `access`, waiting for locks silently.
+    pub fn new(access: Access) -> OpenOptions<'static> {
+        OpenOptions {
+            access,
+            wait: LockWait::Wait(None),
+            notice: &|_| {},
+            command: "lamina".into(),
+        }
+    }
+}
+
+/// An open store.
+pub struct Store {
+    root: PathBuf,
+    pub(crate) db: Arc<DB>,
+    pub(crate) backend: Arc<dyn ChunkBackend>,
+    access: Access,
+    /// Serialises read-compare-write of refs within this process (other
+    /// processes are kept out by the writer lock).
+    pub(crate) commit_lock: Mutex<()>,
+    /// Imports hold it shared, gc exclusive: gc never sweeps chunks an
+    /// in-flight import of this process has written but not committed.
+    pub(crate) gc_guard: RwLock<()>,
+    node_sealer: Mutex<Sealer>,
+    _locks: lock::StoreLocks,
+    /// Removes a reader's secondary directory after the DB is closed
+    /// (declared last: fields drop in order).
+    _secondary: SecondaryDir,
+}
+
+/// Memtables larger than this are flushed when a writer closes the store, so
+/// the next open (writer or reader) replays a short WAL instead of every
+/// write since the last automatic flush.
+const FLUSH_ON_CLOSE_BYTES: u64 = 256 * 1024;
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if self.access == Access::Read {
+            return;
+        }
+        // Index what is still buffered first, so it lands before the flush.
+        if let Err(e) = self.backend.flush() {
+            tracing::warn!(%e, "could not flush chunks on close");
+        }
+        let _guard = match lock::CatalogGuard::acquire(&self.root, true) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::debug!(%e, "not flushing on close");
+                return;
+            }
+        };
+        for name in keys::ALL_CFS {
+            let Ok(handle) = cf(&self.db, name) else {
+                continue;
+            };
+            let size = self
+                .db
+                .property_int_value_cf(handle, "rocksdb.cur-size-all-mem-tables")
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            if size > FLUSH_ON_CLOSE_BYTES {
+                // Only start-up time is at stake: the data is in the WAL.
+                if let Err(e) = self.db.flush_cf(handle) {
+                    tracing::debug!(cf = name, %e, "could not flush memtable on close");
+                }
+            }
+        }
+    }
+}
+
+struct SecondaryDir(Option<PathBuf>);
+
+impl Drop for SecondaryDir {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            // Scratch space only; a leftover is cleaned by the next writer.
+            if let Err(e) = fs::remove_dir_all(dir) {
+                tracing::debug!(dir = %dir.display(), %e, "could not remove reader directory");
+            }
+        }
+    }
+}
+
+fn db_options() -> Options {
+    let mut o = Options::default();
+    o.set_log_level(LogLevel::Warn);
+    o.set_keep_log_file_num(2);
+    o.set_max_log_file_size(1 << 20);
+    o.set_compression_type(DBCompressionType::None);
+    o.set_max_background_jobs(2);
+    o
+}
+
+fn cf_descriptors() -> Vec<rocksdb::ColumnFamilyDescriptor> {
+    keys::ALL_CFS
+        .iter()
+        .map(|name| {
+            let mut o = db_options();
+            if *name == keys::CF_CHUNKS {
+                // Most lookups during an import are for chunks not yet stored;
+                // a bloom filter answers those without reading a block.
+                let mut t = BlockBasedOptions::default();
+                t.set_bloom_filter(10.0, false);
+                o.set_block_based_table_factory(&t);
+            }
+            rocksdb::ColumnFamilyDescriptor::new(*name, o)
+        })
+        .collect()
+}
+
+/// The handle of column family `name`.
+pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name).ok_or_else(|| Error::RecordCorrupt {
+        what: format!("column family {name}"),
+        reason: "missing from the catalog".into(),
+    })
+}
+
+fn fsync_dir(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|d| d.sync_all())
+        .ctx(path, "sync directory")
+}
+
+fn read_marker(root: &Path) -> Result<()> {
+    let path = root.join(MARKER);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotAStore {
+                path: root.to_owned(),
+            })
+        }
+        Err(e) => return Err(Error::io(path, "read store marker", e)),
+    };
+    let format = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("lamina-store "))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .ok_or_else(|| Error::NotAStore {
+            path: root.to_owned(),
+        })?;
+    if format != FORMAT {
+        return Err(Error::InvalidInput(format!(
+            "store {} has format {format}; this lamina reads format {FORMAT}",
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Creates an empty store at `root`. The directory may exist if empty;
+    /// missing parents are created. The store appears atomically: it is
+    /// built in a sibling directory and renamed into place.
+    ///
+    /// # Errors
+    /// [`Error::AlreadyStore`], a non-empty directory, I/O failures.
+    pub fn init(root: &Path) -> Result<()> {
+        if root.join(MARKER).exists() {
+            return Err(Error::AlreadyStore {
+                path: root.to_owned(),
+            });
+        }
+        if root.exists() {
+            let mut entries = fs::read_dir(root).ctx(root, "read directory")?;
+            if entries.next().is_some() {
+                return Err(Error::InvalidInput(format!(
+                    "{} is not empty and not a Lamina store",
+                    root.display()
+                )));
+            }
+        }
+        let name = root
+            .file_name()
+            .ok_or_else(|| Error::InvalidInput(format!("{} has no name", root.display())))?;
+        let parent = match root.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent).ctx(&parent, "create directory")?;
+        let staging = parent.join(format!(
+            ".{}.lamina-init-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let built = Self::build(&staging);
+        let placed = built.and_then(|()| {
+            fs::rename(&staging, root)
+                .ctx(root, "move new store into place")
+                .and_then(|()| fsync_dir(&parent))
+        });
+        if placed.is_err() && staging.exists() {
+            // Leave nothing half-built behind; the original error matters more.
+            if let Err(e) = fs::remove_dir_all(&staging) {
+                tracing::warn!(dir = %staging.display(), %e, "could not remove staging directory");
+            }
+        }
+        placed
+    }
+
+    fn build(dir: &Path) -> Result<()> {
+        fs::create_dir(dir).ctx(dir, "create directory")?;
+        for sub in [PACKS_DIR, TMP_DIR] {
+            let p = dir.join(sub);
+            fs::create_dir(&p).ctx(&p, "create directory")?;
+        }
+        let catalog = dir.join(CATALOG_DIR);
+        let mut opts = db_options();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let db = DB::open_cf_descriptors(&opts, &catalog, cf_descriptors()).map_err(|source| {
+            Error::Db {
+                path: catalog.clone(),
+                op: "create catalog".into(),
+                source,
+            }
+        })?;
+        db.flush_wal(true).map_err(|source| Error::Db {
+            path: catalog.clone(),
+            op: "sync catalog".into(),
+            source,
+        })?;
+        drop(db);
+        let marker = dir.join(MARKER);
+        let mut f = fs::File::create(&marker).ctx(&marker, "write store marker")?;
+        writeln!(
+            f,
+            "lamina-store {FORMAT}\nid {}",
+            hex::encode(rand::random::<[u8; 16]>())
+        )
+        .and_then(|()| f.sync_all())
+        .ctx(&marker, "write store marker")?;
+        fsync_dir(dir)
+    }
+
+    /// Opens the store at `root`.
+    ///
+    /// # Errors
+    /// [`Error::NotAStore`], [`Error::Locked`], catalog or I/O failures.
+    pub fn open(root: &Path, opts: &OpenOptions<'_>) -> Result<Store> {
+        read_marker(root)?;
+        let locks =
+            lock::StoreLocks::acquire(root, opts.access, opts.wait, opts.notice, &opts.command)?;
+        let catalog = root.join(CATALOG_DIR);
+        let db_err = |op: &str| {
+            let path = catalog.clone();
+            let op = op.to_owned();
+            move |source| Error::Db { path, op, source }
+        };
+        let guard = lock::CatalogGuard::acquire(root, opts.access != Access::Read)?;
+        let (db, secondary) = if opts.access == Access::Read {
+            let dir = lock::secondary_dir(root);
+            let mut o = db_options();
+            // A secondary must keep every table file open: the primary may
+            // delete files it has compacted away while we read.
+            o.set_max_open_files(-1);
+            let db = DB::open_cf_descriptors_as_secondary(&o, &catalog, &dir, cf_descriptors())
+                .map_err(db_err("open catalog for reading"))?;
+            // Pick up anything a running writer flushed since the files were
+            // listed (its background flushes don't take catalog.lock).
+            db.try_catch_up_with_primary()
+                .map_err(db_err("read catalog"))?;
+            (db, Some(dir))
+        } else {
+            let db = DB::open_cf_descriptors(&db_options(), &catalog, cf_descriptors())
+                .map_err(db_err("open catalog"))?;
+            clean_tmp(&root.join(TMP_DIR));
+            (db, None)
+        };
+        let db = Arc::new(db);
+        let backend = LocalBackend::open(
+            db.clone(),
+            catalog,
+            root.join(PACKS_DIR),
+            opts.access != Access::Read,
+        )?;
+        drop(guard);
+        Ok(Store {
+            root: root.to_owned(),
+            db,
+            backend: Arc::new(backend),
+            access: opts.access,
+            commit_lock: Mutex::new(()),
+            gc_guard: RwLock::new(()),
+            node_sealer: Mutex::new(Sealer::new()),
+            _locks: locks,
+            _secondary: SecondaryDir(secondary),
+        })
+    }
+
+    /// The store directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// How the store was opened.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// The chunk backend.
+    pub fn backend(&self) -> &dyn ChunkBackend {
+        &*self.backend
+    }
+
+    /// Scratch directory inside the store (same file system as the store).
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join(TMP_DIR)
+    }
+
+    pub(crate) fn require_write(&self) -> Result<()> {
+        if self.access == Access::Read {
+            return Err(Error::InvalidInput(format!(
+                "store {} is opened read-only",
+                self.root.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores a manifest node (if new) and returns its id.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn put_node(&self, node: &Node) -> Result<ManifestId> {
+        let (id, bytes) = node.encode();
+        if !self.backend.has(&id.chunk())? {
+            let sealed = self
+                .node_sealer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .seal(id.chunk(), &bytes);
+            self.backend.put(sealed)?;
+        }
+        Ok(id)
+    }
+
+    /// The plain bytes of a data chunk.
+    ///
+    /// # Errors
+    /// Missing or corrupt chunk.
+    pub fn chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.backend.get(id)
+    }
+}
+
+impl NodeSource for Store {
+    fn load(&self, id: ManifestId) -> Result<Node> {
+        let bytes = self.backend.get(&id.chunk()).map_err(|e| match e {
+            Error::ChunkMissing { .. } => Error::ManifestCorrupt {
+                id,
+                reason: "missing from the store".into(),
+            },
+            Error::ChunkCorrupt { reason, .. } => Error::ManifestCorrupt { id, reason },
+            other => other,
+        })?;
+        Node::decode(id, &bytes)
+    }
+}
+
+/// Removes leftovers of dead processes from `tmp/`: reader secondaries and
+/// export staging directories whose pid no longer runs.
+fn clean_tmp(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if let Err(err) = removed {
+            tracing::debug!(path = %path.display(), %err, "could not clean scratch entry");
+        }
+    }
+}
