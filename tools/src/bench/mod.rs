@@ -1,0 +1,268 @@
+//! `lamina bench`: Lamina beside the tool a user would use instead, in the
+//! same run, on the same data.
+//!
+//! `bench import` generates a mixed tree and a raw disk image, then for each
+//! runs `lamina layer import` and `restic backup` twice: fresh (empty store)
+//! and unchanged (same data again). Both tools run as child processes, so
+//! start-up costs count for both. Throughput is source bytes over wall time
+//! (MB = 10^6 bytes); store size is every byte under the store/repository.
+//! Data is read from the page cache by both (it was just generated).
+
+mod data;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use crate::cli::{BenchCommand, BenchImportArgs, Cli};
+use crate::output::{bytes, Out};
+
+pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        BenchCommand::Import(a) => import(out, a),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    data: &'static str,
+    phase: &'static str,
+    bytes: u64,
+    lamina_secs: f64,
+    restic_secs: f64,
+    lamina_mb_s: f64,
+    restic_mb_s: f64,
+    /// Lamina throughput over restic's.
+    speedup: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Sizes {
+    data: &'static str,
+    lamina_store_bytes: u64,
+    restic_repo_bytes: u64,
+    /// Lamina store size over restic's (lower is better).
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    restic_version: String,
+    work_dir: PathBuf,
+    rows: Vec<Row>,
+    sizes: Vec<Sizes>,
+}
+
+/// Apparent size of every file under `dir`.
+fn dir_size(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).with_context(|| format!("read {}", dir.display()))? {
+        let e = e?;
+        let m = e.metadata()?;
+        total += if m.is_dir() {
+            dir_size(&e.path())?
+        } else {
+            m.len()
+        };
+    }
+    Ok(total)
+}
+
+fn timed(cmd: &mut Command, what: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let output = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    if !output.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(secs)
+}
+
+struct Tools {
+    lamina: PathBuf,
+    restic: PathBuf,
+    work: PathBuf,
+}
+
+impl Tools {
+    fn lamina(&self, store: &Path) -> Command {
+        let mut c = Command::new(&self.lamina);
+        c.arg("--store").arg(store).arg("--quiet");
+        c
+    }
+
+    fn restic(&self, repo: &Path) -> Command {
+        let mut c = Command::new(&self.restic);
+        c.env("RESTIC_PASSWORD", "lamina-bench")
+            .arg("--repo")
+            .arg(repo)
+            .arg("--cache-dir")
+            .arg(self.work.join("restic-cache"))
+            .arg("--quiet");
+        c
+    }
+}
+
+fn one(
+    tools: &Tools,
+    name: &'static str,
+    format: &str,
+    source: &Path,
+    logical: u64,
+    out: &Out,
+) -> anyhow::Result<(Vec<Row>, Sizes)> {
+    let mut rows = Vec::new();
+    let store = tools.work.join(format!("lamina-{name}"));
+    let repo = tools.work.join(format!("restic-{name}"));
+    timed(tools.lamina(&store).arg("init"), "lamina init")?;
+    timed(
+        tools.lamina(&store).args([
+            "layer", "create", "bench", "--kind", "os", "--format", format,
+        ]),
+        "lamina layer create",
+    )?;
+    timed(tools.restic(&repo).arg("init"), "restic init")?;
+    for phase in ["fresh", "unchanged"] {
+        out.note(&format!("{name} {phase}: lamina import…"));
+        let l = timed(
+            tools
+                .lamina(&store)
+                .args(["layer", "import", "bench"])
+                .arg(source),
+            "lamina layer import",
+        )?;
+        out.note(&format!("{name} {phase}: restic backup…"));
+        let r = timed(
+            tools.restic(&repo).arg("backup").arg(source),
+            "restic backup",
+        )?;
+        let mbs = |s: f64| logical as f64 / 1e6 / s.max(1e-9);
+        rows.push(Row {
+            data: name,
+            phase,
+            bytes: logical,
+            lamina_secs: l,
+            restic_secs: r,
+            lamina_mb_s: mbs(l),
+            restic_mb_s: mbs(r),
+            speedup: r / l.max(1e-9),
+        });
+    }
+    let (ls, rs) = (dir_size(&store)?, dir_size(&repo)?);
+    let sizes = Sizes {
+        data: name,
+        lamina_store_bytes: ls,
+        restic_repo_bytes: rs,
+        ratio: ls as f64 / rs.max(1) as f64,
+    };
+    Ok((rows, sizes))
+}
+
+fn import(out: &Out, a: &BenchImportArgs) -> anyhow::Result<ExitCode> {
+    let restic_version = Command::new(&a.restic)
+        .arg("version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .with_context(|| {
+            format!(
+                "{} not found: install restic (Debian: apt-get install restic)",
+                a.restic.display()
+            )
+        })?;
+    let work = match &a.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("lamina-bench-{}", std::process::id())),
+    };
+    if work.exists() && std::fs::read_dir(&work)?.next().is_some() {
+        bail!("{}: work directory is not empty", work.display());
+    }
+    std::fs::create_dir_all(&work)?;
+    let tools = Tools {
+        lamina: std::env::current_exe()?,
+        restic: a.restic.clone(),
+        work: work.clone(),
+    };
+    let result = (|| -> anyhow::Result<Report> {
+        out.note(&format!(
+            "generating {} of test data in {}…",
+            bytes(2 * a.size),
+            work.display()
+        ));
+        let tree = work.join("data/tree");
+        let (tree_bytes, files) = data::make_tree(&tree, a.size, 1)?;
+        let image = work.join("data/image.raw");
+        let image_bytes = data::make_image(&image, a.size, 2)?;
+        out.note(&format!(
+            "tree: {files} files, {}; image: {}",
+            bytes(tree_bytes),
+            bytes(image_bytes)
+        ));
+        let mut rows = Vec::new();
+        let mut sizes = Vec::new();
+        for (name, format, source, logical) in [
+            ("tree", "tree", &tree, tree_bytes),
+            ("image", "disk", &image, image_bytes),
+        ] {
+            let (r, z) = one(&tools, name, format, source, logical, out)?;
+            rows.extend(r);
+            sizes.push(z);
+        }
+        Ok(Report {
+            restic_version,
+            work_dir: work.clone(),
+            rows,
+            sizes,
+        })
+    })();
+    if !a.keep {
+        if let Err(e) = std::fs::remove_dir_all(&work) {
+            out.note(&format!(
+                "warning: could not remove {}: {e}",
+                work.display()
+            ));
+        }
+    }
+    let report = result?;
+    out.result(&report, || {
+        let mut s = format!("{}\n", report.restic_version);
+        s.push_str(&format!(
+            "{:<6} {:<10} {:>10} {:>10} {:>8}\n",
+            "data", "phase", "lamina", "restic", "ratio"
+        ));
+        for r in &report.rows {
+            s.push_str(&format!(
+                "{:<6} {:<10} {:>6.0} MB/s {:>6.0} MB/s {:>7.2}x\n",
+                r.data, r.phase, r.lamina_mb_s, r.restic_mb_s, r.speedup
+            ));
+        }
+        s.push_str(&format!(
+            "{:<6} {:>14} {:>14} {:>8}\n",
+            "data", "lamina store", "restic repo", "ratio"
+        ));
+        for z in &report.sizes {
+            s.push_str(&format!(
+                "{:<6} {:>14} {:>14} {:>7.3}x\n",
+                z.data,
+                bytes(z.lamina_store_bytes),
+                bytes(z.restic_repo_bytes),
+                z.ratio
+            ));
+        }
+        s
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,152 @@
+//! Command-line grammar: `lamina [GLOBAL] <noun> <verb> ...`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Lamina: layered, versioned, synchronised VM disks and file trees.
+#[derive(Debug, Parser)]
+#[command(name = "lamina", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Store directory [default: ~/.local/share/lamina]
+    #[arg(long, global = true, env = "LAMINA_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+
+    /// Print one JSON document on stdout instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// No progress bars or summaries on stderr
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+
+    /// Fail at once instead of waiting when another process holds the store
+    #[arg(long, global = true)]
+    pub no_wait: bool,
+
+    /// What to do
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an empty store
+    Init,
+    /// Create, import, list and export layers
+    #[command(subcommand)]
+    Layer(LayerCommand),
+    /// Verify every version, manifest, chunk and pack; name each bad object
+    Fsck,
+    /// Remove chunks no kept version needs
+    Gc(GcArgs),
+    /// Measure Lamina against the tools a user would use instead
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `lamina layer ...`
+#[derive(Debug, Subcommand)]
+pub enum LayerCommand {
+    /// Create an empty layer
+    Create(CreateArgs),
+    /// Import a directory (tree layer) or raw image (disk layer) as a new version
+    Import(ImportArgs),
+    /// List layers
+    Ls,
+    /// Show a layer's versions, newest first
+    Log {
+        /// Layer name
+        name: String,
+    },
+    /// List what changed between two versions
+    Diff {
+        /// NAME@VERSION (VERSION: id prefix, head, head~N)
+        from: String,
+        /// NAME@VERSION
+        to: String,
+    },
+    /// Write a version out: a directory (tree) or a raw image file (disk)
+    Export(ExportArgs),
+    /// Remove a layer (its versions stay restorable until gc expires the reflog)
+    Rm {
+        /// Layer name
+        name: String,
+    },
+}
+
+/// `lamina layer create`
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Layer name, e.g. os/debian12 or user/alice/data
+    pub name: String,
+    /// os, group, personal, system or data
+    #[arg(long)]
+    pub kind: String,
+    /// tree or disk
+    #[arg(long)]
+    pub format: String,
+}
+
+/// `lamina layer import`
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Layer name
+    pub name: String,
+    /// Directory (tree layer) or raw image file (disk layer)
+    pub path: PathBuf,
+    /// Version message [default: import PATH]
+    #[arg(short, long)]
+    pub message: Option<String>,
+    /// Version author [default: $LAMINA_AUTHOR, else user@host]
+    #[arg(long, env = "LAMINA_AUTHOR")]
+    pub author: Option<String>,
+}
+
+/// `lamina layer export`
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// NAME or NAME@VERSION (default: head)
+    pub layer: String,
+    /// Destination: a new or empty directory (tree), a new file (disk)
+    pub dest: PathBuf,
+    /// Replace an existing image file (disk layers)
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `lamina gc`
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// First drop reflog entries older than this many days (default: keep all)
+    #[arg(long, value_name = "DAYS")]
+    pub expire_reflog: Option<f64>,
+    /// Report what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `lamina bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Import a generated tree and disk image, fresh and unchanged, beside `restic backup`
+    Import(BenchImportArgs),
+}
+
+/// `lamina bench import`
+#[derive(Debug, Args)]
+pub struct BenchImportArgs {
+    /// Work directory (data, stores, repositories) [default: a new temporary directory]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Bytes of each data set (tree and image)
+    #[arg(long, default_value_t = 1 << 30)]
+    pub size: u64,
+    /// Path of the restic binary
+    #[arg(long, default_value = "restic")]
+    pub restic: PathBuf,
+    /// Keep the work directory
+    #[arg(long)]
+    pub keep: bool,
+}

@@ -1,0 +1,253 @@
+//! `lamina layer ...`.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use lamina_sync::manifest::diff::Change;
+use lamina_sync::{
+    split_layer_spec, Access, Diff, ExportOptions, ImportOptions, Layer, LayerFormat, LayerKind,
+    Store, VersionId,
+};
+use serde_json::json;
+
+use crate::cli::{Cli, CreateArgs, ExportArgs, ImportArgs, LayerCommand};
+use crate::cmd::open;
+use crate::output::{bytes, time, Out};
+use crate::progress::Bar;
+
+pub fn run(cli: &Cli, out: &Out, c: &LayerCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        LayerCommand::Create(a) => create(cli, out, a),
+        LayerCommand::Import(a) => import(cli, out, a),
+        LayerCommand::Ls => ls(cli, out),
+        LayerCommand::Log { name } => log(cli, out, name),
+        LayerCommand::Diff { from, to } => diff(cli, out, from, to),
+        LayerCommand::Export(a) => export(cli, out, a),
+        LayerCommand::Rm { name } => rm(cli, out, name),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves `NAME[@SPEC]` (default: head).
+fn resolve(store: &Store, s: &str) -> anyhow::Result<(Layer, VersionId)> {
+    let (name, spec) = split_layer_spec(s);
+    let layer = store.layer(name)?;
+    let id = store.resolve(&layer, spec.unwrap_or("head"))?;
+    Ok((layer, id))
+}
+
+/// `user@host` for version authors when none is given.
+fn default_author() -> String {
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let host = nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
+fn create(cli: &Cli, out: &Out, a: &CreateArgs) -> anyhow::Result<()> {
+    let kind: LayerKind = a.kind.parse()?;
+    let format: LayerFormat = a.format.parse()?;
+    let store = open(cli, out, Access::Write)?;
+    let layer = store.create_layer(&a.name, kind, format)?;
+    out.result(&layer, || {
+        format!("created layer {} ({kind}, {format})", layer.name)
+    })
+}
+
+fn import(cli: &Cli, out: &Out, a: &ImportArgs) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Write)?;
+    let started = Instant::now();
+    let report = {
+        let bar = Bar::new(out.progress_allowed());
+        let opts = ImportOptions {
+            message: a.message.clone(),
+            author: a.author.clone().unwrap_or_else(default_author),
+            progress: &bar,
+            threads: 0,
+        };
+        store.import(&a.name, &a.path, &opts)?
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let s = &report.stats;
+    out.note(&format!(
+        "{}: {} files, {} in {:.1} s ({}/s); {} new chunks, {} stored{}",
+        report.layer,
+        s.files,
+        bytes(s.bytes),
+        secs,
+        bytes((s.bytes as f64 / secs.max(1e-9)) as u64),
+        s.chunks_new,
+        bytes(s.stored_new),
+        if report.unchanged {
+            "; unchanged, no new version"
+        } else {
+            ""
+        }
+    ));
+    out.result(&report, || report.version.to_hex())
+}
+
+fn ls(cli: &Cli, out: &Out) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Read)?;
+    let mut rows = Vec::new();
+    for layer in store.layers()? {
+        let log = store.log(&layer)?;
+        let head = log.first();
+        rows.push(json!({
+            "name": layer.name,
+            "id": layer.id,
+            "kind": layer.kind.as_str(),
+            "format": layer.format.as_str(),
+            "head": head.map(|(id, _)| id),
+            "versions": log.len(),
+            "updated": head.map(|(_, v)| time(v.time_ns)),
+            "created": time(layer.created_ns),
+        }));
+    }
+    out.result(&json!({ "layers": rows }), || {
+        let mut s = format!(
+            "{:<28} {:<9} {:<6} {:>8}  {:<12}  {}\n",
+            "NAME", "KIND", "FORMAT", "VERSIONS", "HEAD", "UPDATED"
+        );
+        for r in &rows {
+            s.push_str(&format!(
+                "{:<28} {:<9} {:<6} {:>8}  {:<12}  {}\n",
+                r["name"].as_str().unwrap_or(""),
+                r["kind"].as_str().unwrap_or(""),
+                r["format"].as_str().unwrap_or(""),
+                r["versions"].as_u64().unwrap_or(0),
+                r["head"].as_str().map_or("-", |h| &h[..12.min(h.len())]),
+                r["updated"].as_str().unwrap_or("-"),
+            ));
+        }
+        s
+    })
+}
+
+fn log(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Read)?;
+    let layer = store.layer(name)?;
+    let versions = store.log(&layer)?;
+    let docs: Vec<_> = versions
+        .iter()
+        .map(|(id, v)| {
+            json!({
+                "id": id,
+                "parents": v.parents,
+                "time": time(v.time_ns),
+                "author": v.author,
+                "message": v.message,
+                "root": v.root,
+            })
+        })
+        .collect();
+    out.result(&json!({ "layer": layer.name, "versions": docs }), || {
+        let mut s = String::new();
+        for (id, v) in &versions {
+            s.push_str(&format!(
+                "{}  {}  {}  {}\n",
+                id.short(),
+                time(v.time_ns),
+                v.author,
+                v.message
+            ));
+        }
+        s
+    })
+}
+
+fn diff(cli: &Cli, out: &Out, from: &str, to: &str) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Read)?;
+    let (la, a) = resolve(&store, from)?;
+    let (lb, b) = resolve(&store, to)?;
+    let d = store.diff(a, b)?;
+    let mut doc = serde_json::to_value(&d)?;
+    doc["from"] = json!({"layer": la.name, "version": a});
+    doc["to"] = json!({"layer": lb.name, "version": b});
+    let sign = |c: Change| match c {
+        Change::Added => "A",
+        Change::Removed => "D",
+        Change::Modified => "M",
+    };
+    out.result(&doc, || {
+        let mut s = String::new();
+        match &d {
+            Diff::Tree { changes } => {
+                for c in changes {
+                    s.push_str(&format!("{} {}", sign(c.change), c.path));
+                    if !c.what.is_empty() {
+                        s.push_str(&format!(" ({})", c.what.join(", ")));
+                    }
+                    s.push('\n');
+                }
+            }
+            Diff::Disk {
+                cluster_size,
+                size_from,
+                size_to,
+                ranges,
+            } => {
+                if size_from != size_to {
+                    s.push_str(&format!("size {size_from} -> {size_to}\n"));
+                }
+                let cs = u64::from(*cluster_size);
+                for r in ranges {
+                    s.push_str(&format!(
+                        "{} clusters {}..{} (bytes {}..{})\n",
+                        sign(r.change),
+                        r.start,
+                        r.end,
+                        r.start * cs,
+                        r.end * cs
+                    ));
+                }
+            }
+        }
+        s
+    })
+}
+
+fn export(cli: &Cli, out: &Out, a: &ExportArgs) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Read)?;
+    let (layer, version) = resolve(&store, &a.layer)?;
+    let report = {
+        let bar = Bar::new(out.progress_allowed());
+        let opts = ExportOptions {
+            progress: &bar,
+            force: a.force,
+        };
+        store.export(&layer.name, version, &a.dest, &opts)?
+    };
+    for w in &report.warnings {
+        out.note(&format!("warning: {w}"));
+    }
+    out.result(&report, || {
+        format!(
+            "exported {}@{} to {} ({} files, {})",
+            layer.name,
+            version.short(),
+            a.dest.display(),
+            report.files,
+            bytes(report.bytes)
+        )
+    })
+}
+
+fn rm(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Write)?;
+    store.remove_layer(name)?;
+    out.result(&json!({"removed": name}), || {
+        format!("removed layer {name}")
+    })
+}

@@ -1,0 +1,53 @@
+//! Command implementations, one module per noun.
+
+pub mod layer;
+pub mod store;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use lamina_sync::{Access, LockWait, OpenOptions, Store};
+
+use crate::cli::Cli;
+use crate::output::{Out, UsageError};
+
+/// The store directory: `--store`, else `$LAMINA_STORE` (both via clap),
+/// else `$XDG_DATA_HOME/lamina`, else `~/.local/share/lamina`.
+pub fn store_path(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &cli.store {
+        return Ok(p.clone());
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("lamina"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| {
+            UsageError("no store given: pass --store or set LAMINA_STORE or HOME".into())
+        })?;
+    Ok(PathBuf::from(home).join(".local/share/lamina"))
+}
+
+/// Opens the store for `access`, waiting for (and saying who holds) a lock
+/// unless `--no-wait`.
+pub fn open(cli: &Cli, out: &Out, access: Access) -> anyhow::Result<Store> {
+    let path = store_path(cli)?;
+    let quiet = out.quiet;
+    let notice = move |holder: &str| {
+        if !quiet {
+            eprintln!("waiting for the store lock, held by {holder}");
+        }
+    };
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let opts = OpenOptions {
+        access,
+        wait: if cli.no_wait {
+            LockWait::Fail
+        } else {
+            LockWait::Wait(None)
+        },
+        notice: &notice,
+        command,
+    };
+    Store::open(&path, &opts).with_context(|| format!("opening store {}", path.display()))
+}

@@ -1,0 +1,71 @@
+//! `lamina`: the command line of Lamina.
+//!
+//! Data goes to stdout, diagnostics to stderr. With `--json` every command
+//! prints exactly one JSON document on stdout (errors too:
+//! `{"error":{"kind":…,"message":…}}`). Exit codes: 0 success, 1 the
+//! operation failed, 2 a usage or configuration error (see [`exit_code`]).
+
+mod bench;
+mod cli;
+mod cmd;
+mod output;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lamina_sync::ErrorKind;
+
+use crate::cli::{Cli, Command};
+use crate::output::Out;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap prints help/version on stdout (exit 0) and errors on
+            // stderr (exit 2).
+            let code = if e.use_stderr() { 2 } else { 0 };
+            // Nothing useful to do if the terminal is gone.
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let out = Out::new(cli.json, cli.quiet);
+    let result = run(&cli, &out);
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            out.error(&e);
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Maps an error to the process exit code: 2 for usage and configuration
+/// errors, 1 for everything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<lamina_sync::Error>() {
+        Some(lamina_sync::Error::NotAStore { .. }) => 2,
+        Some(err) if err.kind() == ErrorKind::InvalidInput => 2,
+        _ if e.downcast_ref::<output::UsageError>().is_some() => 2,
+        _ => 1,
+    }
+}
+
+fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Init => cmd::store::init(cli, out),
+        Command::Layer(c) => cmd::layer::run(cli, out, c),
+        Command::Fsck => cmd::store::fsck(cli, out),
+        Command::Gc(args) => cmd::store::gc(cli, out, args),
+        Command::Bench(c) => bench::run(cli, out, c),
+    }
+}

@@ -1,0 +1,110 @@
+//! How results and errors reach the user: text or one JSON document.
+
+use std::io::{IsTerminal, Write};
+
+use serde::Serialize;
+
+/// A usage error found after parsing (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Output settings of this run.
+pub struct Out {
+    /// JSON mode.
+    pub json: bool,
+    /// No progress or summaries.
+    pub quiet: bool,
+}
+
+impl Out {
+    pub fn new(json: bool, quiet: bool) -> Self {
+        Self { json, quiet }
+    }
+
+    /// Whether progress bars may be drawn.
+    pub fn progress_allowed(&self) -> bool {
+        !self.json && !self.quiet && std::io::stderr().is_terminal()
+    }
+
+    /// Prints the command's result: `doc` as JSON, or `text` lines.
+    pub fn result<T: Serialize>(
+        &self,
+        doc: &T,
+        text: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        let r = if self.json {
+            serde_json::to_writer(&mut stdout, doc)
+                .map_err(std::io::Error::other)
+                .and_then(|()| writeln!(stdout))
+        } else {
+            let t = text();
+            if t.is_empty() {
+                Ok(())
+            } else if t.ends_with('\n') {
+                write!(stdout, "{t}")
+            } else {
+                writeln!(stdout, "{t}")
+            }
+        };
+        match r {
+            // A closed pipe (`lamina layer ls | head`) is not a failure.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// A diagnostic line on stderr (suppressed by --quiet and --json).
+    pub fn note(&self, msg: &str) {
+        if !self.quiet && !self.json {
+            eprintln!("{msg}");
+        }
+    }
+
+    /// Reports a failure: one line on stderr, and the JSON error document.
+    pub fn error(&self, e: &anyhow::Error) {
+        eprintln!("error: {e:#}");
+        if self.json {
+            let kind = e
+                .downcast_ref::<lamina_sync::Error>()
+                .map(|e| e.kind().as_str())
+                .unwrap_or(if e.downcast_ref::<UsageError>().is_some() {
+                    "invalid-input"
+                } else {
+                    "error"
+                });
+            let doc = serde_json::json!({"error": {"kind": kind, "message": format!("{e:#}")}});
+            println!("{doc}");
+        }
+    }
+}
+
+/// Bytes in a human unit.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// RFC 3339 UTC time of nanoseconds since the epoch.
+pub fn time(ns: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
