@@ -1,0 +1,311 @@
+//! Helpers for end-to-end tests: a scratch store, running the built
+//! `lamina` binary, generating trees and comparing them.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The `lamina` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lamina"))
+}
+
+/// Whether tests run as root (CI does).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Fails in CI when a test's precondition is missing; elsewhere prints why
+/// the test does less than it would in CI.
+pub fn require(cond: bool, what: &str) -> bool {
+    if !cond {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide: {what}");
+        eprintln!("note: skipping the part needing {what}");
+    }
+    cond
+}
+
+/// A temporary directory with an initialised store in it.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub store: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("lamina-test-")
+            .tempdir()
+            .unwrap();
+        let store = dir.path().join("store");
+        let env = Env { dir, store };
+        env.ok(&["init"]);
+        env
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--store").arg(&self.store);
+        c.env_remove("LAMINA_STORE");
+        c
+    }
+
+    pub fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Runs, asserts success, returns stdout.
+    pub fn ok<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "lamina {:?} failed: {}\n{}",
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs with `--json`, asserts success, parses stdout.
+    pub fn json<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Value {
+        let mut all: Vec<std::ffi::OsString> = vec!["--json".into()];
+        all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        let text = self.ok(&all);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON {text:?}: {e}"))
+    }
+
+    /// Runs, asserts failure, returns (exit code, stderr).
+    pub fn fail<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> (i32, String) {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "expected failure, got {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Creates a layer and imports `src`; returns the version id.
+    pub fn import(&self, layer: &str, src: &Path) -> String {
+        let v = self.json(&[
+            "layer".as_ref(),
+            "import".as_ref(),
+            layer.as_ref(),
+            src.as_os_str(),
+        ]);
+        v["version"].as_str().unwrap().to_owned()
+    }
+
+    pub fn store_size(&self) -> u64 {
+        dir_size(&self.store)
+    }
+}
+
+/// Apparent size of everything under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            dir_size(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write(path: &Path, data: &[u8]) {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p).unwrap();
+    }
+    File::create(path).unwrap().write_all(data).unwrap();
+}
+
+/// Data/hole map of a file: (start, end) of each data region.
+pub fn data_map(path: &Path) -> Vec<(u64, u64)> {
+    use nix::unistd::{lseek, Whence};
+    let f = File::open(path).unwrap();
+    let size = f.metadata().unwrap().len() as i64;
+    let mut out = Vec::new();
+    let mut pos = 0i64;
+    while pos < size {
+        let start = match lseek(&f, pos, Whence::SeekData) {
+            Ok(s) => s,
+            Err(_) => break,
+        };
+        let end = lseek(&f, start, Whence::SeekHole).unwrap().min(size);
+        out.push((start as u64, end as u64));
+        pos = end;
+    }
+    out
+}
+
+/// Everything `compare_trees` checks about one path.
+#[derive(Debug, PartialEq)]
+struct Node {
+    kind: u32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, i64),
+    size: u64,
+    rdev: u64,
+    content: Option<Vec<u8>>,
+    target: Option<Vec<u8>>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    holes: Option<Vec<(u64, u64)>>,
+    link_group: Option<usize>,
+}
+
+fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
+    let mut out = BTreeMap::new();
+    let mut groups: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut paths = Vec::new();
+    walk(root, root, &mut paths);
+    paths.sort();
+    for rel in paths {
+        let p = if rel.is_empty() {
+            root.to_owned()
+        } else {
+            root.join(std::ffi::OsStr::from_bytes(&rel))
+        };
+        let m = fs::symlink_metadata(&p).unwrap();
+        let ft = m.file_type();
+        let link_group = (ft.is_file() && m.nlink() > 1).then(|| {
+            let n = groups.len();
+            *groups.entry((m.dev(), m.ino())).or_insert(n)
+        });
+        let xattrs = xattr::list(&p)
+            .unwrap()
+            .map(|n| {
+                let v = xattr::get(&p, &n).unwrap().unwrap_or_default();
+                (n.as_bytes().to_vec(), v)
+            })
+            .collect();
+        out.insert(
+            rel.clone(),
+            Node {
+                kind: m.mode() & 0o170000,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                size: if ft.is_dir() { 0 } else { m.len() },
+                rdev: m.rdev(),
+                content: ft.is_file().then(|| fs::read(&p).unwrap()),
+                target: ft
+                    .is_symlink()
+                    .then(|| fs::read_link(&p).unwrap().as_os_str().as_bytes().to_vec()),
+                xattrs,
+                holes: ft.is_file().then(|| data_map(&p)),
+                link_group,
+            },
+        );
+    }
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<Vec<u8>>) {
+    let rel = dir
+        .strip_prefix(root)
+        .unwrap()
+        .as_os_str()
+        .as_bytes()
+        .to_vec();
+    out.push(rel);
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            walk(root, &e.path(), out);
+        } else {
+            out.push(
+                e.path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+            );
+        }
+    }
+}
+
+/// Asserts two trees are equal in content and metadata: types, modes,
+/// owners, mtimes (ns), sizes, device numbers, contents, symlink targets,
+/// xattrs, hole maps and hard-link identity. Also runs `diff -r`.
+pub fn compare_trees(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // diff reports special files it cannot compare; nothing else may differ.
+    for line in text.lines() {
+        assert!(
+            line.starts_with("File ")
+                && (line.contains("is a fifo")
+                    || line.contains("is a character special")
+                    || line.contains("is a block special")
+                    || line.contains("is a socket")),
+            "diff -r: {line}"
+        );
+    }
+    let (sa, sb) = (snapshot(a), snapshot(b));
+    let (ka, kb): (Vec<_>, Vec<_>) = (sa.keys().collect(), sb.keys().collect());
+    assert_eq!(
+        ka.iter()
+            .map(|k| String::from_utf8_lossy(k))
+            .collect::<Vec<_>>(),
+        kb.iter()
+            .map(|k| String::from_utf8_lossy(k))
+            .collect::<Vec<_>>(),
+        "paths differ"
+    );
+    for (k, na) in &sa {
+        let nb = &sb[k];
+        assert_eq!(na, nb, "{} differs", String::from_utf8_lossy(k));
+    }
+}
+
+/// Writes `data` at `offset` of an existing file.
+pub fn overwrite(path: &Path, offset: u64, data: &[u8]) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
