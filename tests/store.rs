@@ -647,9 +647,12 @@ fn a_flipped_byte_in_a_pack_is_named_by_fsck() {
     env.import("c", &src);
     let pack = packs(&env.store).into_iter().next().unwrap();
     let mut bytes = fs::read(&pack).unwrap();
-    // First record: 32-byte pack header, 48-byte record header (id at 16..48).
-    let id = hex_of(&bytes[32 + 16..32 + 48]);
-    bytes[32 + 48 + 1000] ^= 0x01;
+    // A data chunk's record (random data is stored in chunk records).
+    let (at, id, _) = records(&bytes)
+        .into_iter()
+        .find(|(_, _, len)| *len > 10_000)
+        .expect("a data chunk record");
+    bytes[at + 48 + 1000] ^= 0x01;
     fs::write(&pack, &bytes).unwrap();
     let out = env.cmd().args(["--json", "fsck"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -766,6 +769,29 @@ fn gc_removes_only_what_no_kept_version_needs() {
     assert_eq!(g["chunks_removed"], 0);
 }
 
+/// Chunk records of a pack: (offset, chunk id, stored length). Walks the
+/// format of `sync/src/backend/pack.rs`; frame records are skipped.
+fn records(pack: &[u8]) -> Vec<(usize, String, usize)> {
+    let u32_at = |i: usize| u32::from_le_bytes(pack[i..i + 4].try_into().unwrap()) as usize;
+    let mut out = Vec::new();
+    let mut at = 32;
+    while at + 16 <= pack.len() {
+        match &pack[at..at + 4] {
+            b"LMCK" => {
+                let stored = u32_at(at + 12);
+                out.push((at, hex_of(&pack[at + 16..at + 48]), stored));
+                at += 48 + stored;
+            }
+            b"LMFR" => {
+                let count = u16::from_le_bytes([pack[at + 6], pack[at + 7]]) as usize;
+                at += 16 + 36 * count + u32_at(at + 12);
+            }
+            other => panic!("unknown record {other:?} at {at}"),
+        }
+    }
+    out
+}
+
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -797,4 +823,120 @@ fn listings_have_json_and_text() {
         text.lines().nth(2).unwrap().starts_with("user/bob/data"),
         "{text}"
     );
+}
+
+/// Text-like files: stored in compressed frames of several chunks.
+fn text_tree(root: &Path, files: u64, seed: u64) {
+    for i in 0..files {
+        let words: Vec<String> = (0..40_000u64)
+            .map(|w| format!("w{}", (w * 7919 + i * 104_729 + seed) % 5000))
+            .collect();
+        write(
+            &root.join(format!("doc{i:03}.txt")),
+            words.join(" ").as_bytes(),
+        );
+    }
+}
+
+#[test]
+fn frames_compress_text_and_a_damaged_frame_is_named() {
+    let env = Env::new();
+    let src = env.path("src");
+    text_tree(&src, 12, 1);
+    env.ok(&[
+        "layer", "create", "docs", "--kind", "data", "--format", "tree",
+    ]);
+    let r = env.json(&[
+        "layer".as_ref(),
+        "import".as_ref(),
+        "docs".as_ref(),
+        src.as_os_str(),
+    ]);
+    let (plain, stored) = (
+        r["stats"]["bytes_new"].as_u64().unwrap(),
+        r["stats"]["stored_new"].as_u64().unwrap(),
+    );
+    assert!(
+        stored * 3 < plain,
+        "text stored in {stored} of {plain} bytes"
+    );
+    let pack = packs(&env.store).into_iter().next().unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    // Find the first frame record and damage its compressed data.
+    let mut at = 32;
+    let frame = loop {
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap()) as usize;
+        match &bytes[at..at + 4] {
+            b"LMCK" => at += 48 + u32_at(at + 12),
+            b"LMFR" => break at,
+            other => panic!("unknown record {other:?}"),
+        }
+    };
+    let count = u16::from_le_bytes([bytes[frame + 6], bytes[frame + 7]]) as usize;
+    assert!(count > 1, "a frame of {count} chunks");
+    let member = hex_of(&bytes[frame + 16..frame + 48]);
+    let data = frame + 16 + 36 * count;
+    bytes[data + 200] ^= 0xff;
+    fs::write(&pack, &bytes).unwrap();
+    let out = env.cmd().args(["--json", "fsck"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let named: Vec<&str> = doc["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["object"].as_str().unwrap())
+        .collect();
+    assert!(named.contains(&format!("chunk {member}").as_str()), "{doc}");
+    assert!(
+        named.len() >= count,
+        "every member of the damaged frame is named: {doc}"
+    );
+    let dest = env.path("out");
+    let (code, _) = env.fail(&[
+        "layer".as_ref(),
+        "export".as_ref(),
+        "docs".as_ref(),
+        dest.as_os_str(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(!dest.exists());
+}
+
+#[test]
+fn gc_rewrites_frames_whose_members_are_partly_dead() {
+    let env = Env::new();
+    // Two layers share half their files; frames mix shared and unshared chunks.
+    let a = env.path("a");
+    let b = env.path("b");
+    text_tree(&a, 16, 3);
+    for i in (0..16).step_by(2) {
+        let name = format!("doc{i:03}.txt");
+        fs::create_dir_all(&b).unwrap();
+        fs::copy(a.join(&name), b.join(&name)).unwrap();
+    }
+    for l in ["a", "b"] {
+        env.ok(&["layer", "create", l, "--kind", "data", "--format", "tree"]);
+    }
+    env.import("a", &a);
+    env.import("b", &b);
+    env.ok(&["layer", "rm", "a"]);
+    let g = env.json(&["gc", "--expire-reflog", "0"]);
+    assert!(g["chunks_removed"].as_u64().unwrap() > 0, "{g}");
+    assert!(
+        g["packs_rewritten"].as_u64().unwrap() + g["packs_deleted"].as_u64().unwrap() > 0,
+        "{g}"
+    );
+    assert_eq!(env.json(&["fsck"])["ok"], true);
+    let out = env.path("out");
+    env.ok(&[
+        "layer".as_ref(),
+        "export".as_ref(),
+        "b".as_ref(),
+        out.as_os_str(),
+    ]);
+    compare_trees(&b, &out);
+    // A second gc finds nothing more to do.
+    let g = env.json(&["gc"]);
+    assert_eq!(g["chunks_removed"], 0, "{g}");
 }

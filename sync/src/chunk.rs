@@ -156,6 +156,31 @@ pub struct SealedChunk {
     pub data: Vec<u8>,
 }
 
+/// Several consecutive chunks compressed together as one zstd frame.
+#[derive(Debug, Clone)]
+pub struct SealedFrame {
+    /// Members in order: id and plain length.
+    pub members: Vec<(ChunkId, u32)>,
+    /// Plain bytes of all members.
+    pub plain_len: u32,
+    /// The zstd frame.
+    pub data: Vec<u8>,
+}
+
+/// What a backend is given to store.
+#[derive(Debug, Clone)]
+pub enum Sealed {
+    /// One chunk.
+    Chunk(SealedChunk),
+    /// Several chunks in one compressed frame.
+    Frame(SealedFrame),
+}
+
+/// A frame is kept only if it is at most this fraction (in 1/100) of its
+/// plain size; otherwise its members are sealed one by one. Frames cost a
+/// larger decompression per random read, so they must pay for themselves.
+const FRAME_KEEP_PERCENT: usize = 95;
+
 /// Seals chunks; keeps a zstd context to reuse across calls (one per thread).
 pub struct Sealer {
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -201,6 +226,58 @@ impl Sealer {
             data: plain.to_vec(),
         }
     }
+}
+
+impl Sealer {
+    /// Seals consecutive chunks: together as one frame when that saves at
+    /// least 5 %, else each on its own.
+    pub fn seal_many(&mut self, members: &[(ChunkId, Vec<u8>)]) -> Vec<Sealed> {
+        if let [(id, data)] = members {
+            return vec![Sealed::Chunk(self.seal(*id, data))];
+        }
+        let plain: Vec<u8> = members
+            .iter()
+            .flat_map(|(_, d)| d.iter().copied())
+            .collect();
+        if let Some(z) = self.zstd.as_mut() {
+            let mut out = Vec::with_capacity(plain.len() * FRAME_KEEP_PERCENT / 100);
+            if z.compress_to_buffer(&plain, &mut out).is_ok() {
+                return vec![Sealed::Frame(SealedFrame {
+                    members: members
+                        .iter()
+                        .map(|(id, d)| (*id, d.len() as u32))
+                        .collect(),
+                    plain_len: plain.len() as u32,
+                    data: out,
+                })];
+            }
+        }
+        members
+            .iter()
+            .map(|(id, d)| Sealed::Chunk(self.seal(*id, d)))
+            .collect()
+    }
+}
+
+/// Decompresses a frame's data to its `plain_len` bytes.
+///
+/// # Errors
+/// A description of what is wrong (the caller knows which record it is).
+pub fn unseal_frame(plain_len: u32, data: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    if plain_len as usize > MAX_CHUNK_BYTES {
+        return Err(format!("frame plain length {plain_len} exceeds the limit"));
+    }
+    let mut out = Vec::with_capacity(plain_len as usize);
+    zstd::bulk::Decompressor::new()
+        .and_then(|mut d| d.decompress_to_buffer(data, &mut out))
+        .map_err(|e| format!("zstd: {e}"))?;
+    if out.len() != plain_len as usize {
+        return Err(format!(
+            "frame decompresses to {} bytes, expected {plain_len}",
+            out.len()
+        ));
+    }
+    Ok(out)
 }
 
 /// Seals `plain` with a one-off context (for small, rare chunks).
@@ -335,6 +412,37 @@ mod tests {
         bad[mid] ^= 0x40;
         let err = unseal(s.id, s.plain_len, s.compression, bad).unwrap_err();
         assert!(err.to_string().contains(&s.id.to_hex()), "{err}");
+    }
+
+    #[test]
+    fn frames_only_when_they_pay() {
+        let mut s = Sealer::new();
+        let text: Vec<(ChunkId, Vec<u8>)> = (0..4)
+            .map(|i| {
+                let d = format!("chunk {i} lamina text ").repeat(2000).into_bytes();
+                (ChunkId::of(&d), d)
+            })
+            .collect();
+        match s.seal_many(&text).as_slice() {
+            [Sealed::Frame(f)] => {
+                assert_eq!(f.members.len(), 4);
+                let plain = unseal_frame(f.plain_len, &f.data).unwrap();
+                let joined: Vec<u8> = text.iter().flat_map(|(_, d)| d.clone()).collect();
+                assert_eq!(plain, joined);
+            }
+            other => panic!("expected one frame, got {other:?}"),
+        }
+        let random: Vec<(ChunkId, Vec<u8>)> = (0..3)
+            .map(|i| {
+                let d = pseudo_random(70_000, 100 * i + 1);
+                (ChunkId::of(&d), d)
+            })
+            .collect();
+        let sealed = s.seal_many(&random);
+        assert_eq!(sealed.len(), 3);
+        assert!(sealed
+            .iter()
+            .all(|x| matches!(x, Sealed::Chunk(c) if c.compression == Compression::None)));
     }
 
     proptest! {

@@ -110,7 +110,7 @@ impl Store {
         let mut report = FsckReport::default();
         let mut backend_problems: Vec<BackendProblem> = Vec::new();
         let stats = self.backend.stats()?;
-        progress.phase("verify chunks", Some(stats.stored_bytes));
+        progress.phase("verify chunks", Some(stats.plain_bytes));
         report.chunks_checked = self
             .backend
             .check(true, progress, &mut |p| backend_problems.push(p))?;

@@ -48,7 +48,7 @@ pub struct GcReport {
     pub chunks_reachable: u64,
     /// Chunks removed.
     pub chunks_removed: u64,
-    /// Stored bytes of the removed chunks.
+    /// Plain bytes of the removed chunks.
     pub bytes_removed: u64,
     /// Import cache entries dropped because their chunks went.
     pub cache_entries_dropped: u64,
@@ -104,11 +104,11 @@ impl Store {
 
         progress.phase("sweep", None);
         let mut dead = Vec::new();
-        self.backend.list(&mut |id, stored| {
+        self.backend.list(&mut |id, plain| {
             report.chunks_total += 1;
             if !reach.chunks.contains(&id) {
                 dead.push(id);
-                report.bytes_removed += stored;
+                report.bytes_removed += plain;
             }
             Ok(())
         })?;

@@ -6,11 +6,11 @@
 //! no caller ever sees unverified data.
 
 mod local;
-mod pack;
+pub(crate) mod pack;
 
 pub use local::LocalBackend;
 
-use crate::chunk::SealedChunk;
+use crate::chunk::Sealed;
 use crate::error::Result;
 use crate::id::ChunkId;
 
@@ -19,7 +19,9 @@ use crate::id::ChunkId;
 pub struct BackendStats {
     /// Chunks indexed.
     pub chunks: u64,
-    /// Bytes of chunk data as stored (after compression).
+    /// Plain bytes of the indexed chunks.
+    pub plain_bytes: u64,
+    /// Bytes of the records holding them, as stored (after compression).
     pub stored_bytes: u64,
     /// Bytes occupied on disk, including dead space awaiting gc.
     pub disk_bytes: u64,
@@ -49,12 +51,13 @@ pub struct ReclaimStats {
 
 /// Storage for chunks, keyed by id.
 pub trait ChunkBackend: Send + Sync {
-    /// Stores a sealed chunk. Returns false if the id was already present.
-    /// Not durable until [`ChunkBackend::flush`] returns.
+    /// Stores a sealed chunk or frame. Returns how many chunks were new
+    /// (members already stored are not indexed again). Not durable until
+    /// [`ChunkBackend::flush`] returns.
     ///
     /// # Errors
     /// Write failures; read-only stores.
-    fn put(&self, chunk: SealedChunk) -> Result<bool>;
+    fn put(&self, sealed: Sealed) -> Result<u32>;
 
     /// The plain bytes of a chunk, verified against its id.
     ///
@@ -84,7 +87,7 @@ pub trait ChunkBackend: Send + Sync {
     /// Write failures.
     fn delete(&self, ids: &[ChunkId]) -> Result<()>;
 
-    /// Calls `f(id, stored length)` for every stored chunk.
+    /// Calls `f(id, plain length)` for every stored chunk.
     ///
     /// # Errors
     /// Index read failures, or an error returned by `f`.

@@ -3,13 +3,24 @@
 //! A pack is an append-only file of chunk records:
 //!
 //! ```text
-//! pack header  (32 bytes): "LAMPACK1" | pack id u64 LE | created secs u64 LE | reserved 8
-//! record header (48 bytes): "LMCK" | flags u8 | reserved 3 | plain len u32 LE
-//!                           | stored len u32 LE | chunk id 32
-//! record data   (stored len bytes)
+//! pack header   (32 bytes): "LAMPACK1" | pack id u64 LE | created secs u64 LE | reserved 8
+//!
+//! chunk record  header (48 bytes): "LMCK" | flags u8 | reserved 3 | plain len u32 LE
+//!                                  | stored len u32 LE | chunk id 32
+//!               data (stored len bytes: plain, or one zstd frame)
+//!
+//! frame record  header (16 bytes): "LMFR" | flags u8 (zstd) | reserved 1 | count u16 LE
+//!                                  | plain len u32 LE (all members) | stored len u32 LE
+//!               table (count × 36 bytes): chunk id 32 | plain len u32 LE
+//!               data (stored len bytes): one zstd frame of the members, concatenated
 //! ```
 //!
-//! Records carry their own id and lengths, so a pack can be re-indexed from
+//! A frame record holds consecutive chunks of a tree import compressed
+//! together: zstd compresses text-like data in 64 KiB pieces 15–20 % worse
+//! than with ~1 MiB of context (measured on real source code). Disk clusters
+//! stay in chunk records so a random read decompresses 64 KiB, not 1 MiB.
+//!
+//! Records carry their own ids and lengths, so a pack can be re-indexed from
 //! its bytes alone (crash recovery does this for a pack's unindexed tail) and
 //! fsck can check each index entry against the record it points at.
 
@@ -28,6 +39,16 @@ pub const RECORD_MAGIC: [u8; 4] = *b"LMCK";
 pub const RECORD_HEADER_LEN: usize = 48;
 /// Record flag: data is a zstd frame.
 const FLAG_ZSTD: u8 = 1;
+/// Magic of a frame record header.
+pub const FRAME_MAGIC: [u8; 4] = *b"LMFR";
+/// Size of a frame record header.
+pub const FRAME_HEADER_LEN: usize = 16;
+/// Size of one frame table entry.
+pub const FRAME_ENTRY_LEN: usize = 36;
+/// Most members a frame holds (bounds the table a reader parses).
+pub const FRAME_MAX_MEMBERS: usize = 1024;
+/// Most plain bytes a frame holds (bounds what a reader decompresses).
+pub const FRAME_MAX_PLAIN: usize = 4 * 1024 * 1024;
 
 /// A pack is sealed once it reaches this size. 32 MiB keeps the file count
 /// low (32 files per GiB) while a gc rewrite of a mostly dead pack stays
@@ -124,23 +145,146 @@ impl RecordHeader {
     }
 }
 
+/// Header and member table of a frame record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Members in order: id and plain length.
+    pub members: Vec<(ChunkId, u32)>,
+    /// Plain bytes of all members.
+    pub plain_len: u32,
+    /// Length of the compressed data.
+    pub stored_len: u32,
+}
+
+impl FrameHeader {
+    /// Encodes header and table.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(self.table_end());
+        h.extend_from_slice(&FRAME_MAGIC);
+        h.push(FLAG_ZSTD);
+        h.push(0);
+        h.extend_from_slice(&(self.members.len() as u16).to_le_bytes());
+        h.extend_from_slice(&self.plain_len.to_le_bytes());
+        h.extend_from_slice(&self.stored_len.to_le_bytes());
+        for (id, len) in &self.members {
+            h.extend_from_slice(id.as_bytes());
+            h.extend_from_slice(&len.to_le_bytes());
+        }
+        h
+    }
+
+    /// Member count of a frame whose first bytes are `bytes`, checking the
+    /// fixed header (so a reader knows how much table to read).
+    pub fn count(bytes: &[u8]) -> Result<usize, String> {
+        let h = bytes
+            .get(..FRAME_HEADER_LEN)
+            .ok_or_else(|| "frame header cut short".to_string())?;
+        if h[..4] != FRAME_MAGIC {
+            return Err("bad frame magic".into());
+        }
+        if h[4] != FLAG_ZSTD {
+            return Err(format!("unknown frame flags {:#x}", h[4]));
+        }
+        let count = usize::from(u16::from_le_bytes([h[6], h[7]]));
+        if count == 0 || count > FRAME_MAX_MEMBERS {
+            return Err(format!("frame of {count} members"));
+        }
+        Ok(count)
+    }
+
+    /// Decodes and checks header and table.
+    pub fn parse(bytes: &[u8]) -> Result<FrameHeader, String> {
+        let count = Self::count(bytes)?;
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let plain_len = u32_at(8);
+        let stored_len = u32_at(12);
+        if plain_len as usize > FRAME_MAX_PLAIN || stored_len as usize > MAX_CHUNK_BYTES {
+            return Err(format!(
+                "frame lengths {plain_len}/{stored_len} exceed the limit"
+            ));
+        }
+        let table = bytes
+            .get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + count * FRAME_ENTRY_LEN)
+            .ok_or_else(|| "frame table cut short".to_string())?;
+        let mut members = Vec::with_capacity(count);
+        let mut sum = 0u64;
+        for e in table.chunks_exact(FRAME_ENTRY_LEN) {
+            let mut id = [0u8; HASH_LEN];
+            id.copy_from_slice(&e[..HASH_LEN]);
+            let len = u32::from_le_bytes([e[32], e[33], e[34], e[35]]);
+            if len == 0 {
+                return Err("empty frame member".into());
+            }
+            sum += u64::from(len);
+            members.push((ChunkId(id), len));
+        }
+        if sum != u64::from(plain_len) {
+            return Err(format!(
+                "members add up to {sum} bytes, header says {plain_len}"
+            ));
+        }
+        Ok(FrameHeader {
+            members,
+            plain_len,
+            stored_len,
+        })
+    }
+
+    /// Offset of the compressed data within the record.
+    pub fn table_end(&self) -> usize {
+        FRAME_HEADER_LEN + self.members.len() * FRAME_ENTRY_LEN
+    }
+
+    /// Bytes the record occupies in the pack.
+    pub fn record_len(&self) -> u64 {
+        self.table_end() as u64 + u64::from(self.stored_len)
+    }
+
+    /// Plain offset of each member within the frame.
+    pub fn offsets(&self) -> impl Iterator<Item = (ChunkId, u32, u32)> + '_ {
+        let mut at = 0u32;
+        self.members.iter().map(move |&(id, len)| {
+            let here = at;
+            at += len;
+            (id, here, len)
+        })
+    }
+}
+
 /// Where a chunk lives: the value of the `chunks` column family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
     /// Pack holding the record.
     pub pack: PackId,
-    /// Offset of the record header in the pack.
+    /// Offset of the record in the pack.
     pub offset: u64,
-    /// Stored length of the data.
-    pub stored_len: u32,
-    /// Plain length of the data.
+    /// Bytes of the whole record (header, table, data).
+    pub record_len: u32,
+    /// Plain length of the chunk.
     pub plain_len: u32,
-    /// Encoding of the data.
-    pub compression: Compression,
+    /// What the record is.
+    pub kind: RecordKind,
+}
+
+/// The kind of record an index entry points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A chunk record with this encoding.
+    Chunk(Compression),
+    /// A frame record; the chunk starts this many plain bytes into it.
+    Frame {
+        /// Plain offset of the member.
+        member_offset: u32,
+    },
 }
 
 /// Encoded size of an [`IndexEntry`].
-pub const INDEX_ENTRY_LEN: usize = 25;
+pub const INDEX_ENTRY_LEN: usize = 29;
+
+const KIND_PLAIN: u8 = 0;
+const KIND_ZSTD: u8 = 1;
+const KIND_FRAME: u8 = 2;
 
 impl IndexEntry {
     /// Encodes the entry.
@@ -148,60 +292,52 @@ impl IndexEntry {
         let mut v = [0u8; INDEX_ENTRY_LEN];
         v[..8].copy_from_slice(&self.pack.0.to_be_bytes());
         v[8..16].copy_from_slice(&self.offset.to_be_bytes());
-        v[16..20].copy_from_slice(&self.stored_len.to_be_bytes());
+        v[16..20].copy_from_slice(&self.record_len.to_be_bytes());
         v[20..24].copy_from_slice(&self.plain_len.to_be_bytes());
-        v[24] = match self.compression {
-            Compression::None => 0,
-            Compression::Zstd => FLAG_ZSTD,
+        let (kind, member) = match self.kind {
+            RecordKind::Chunk(Compression::None) => (KIND_PLAIN, 0),
+            RecordKind::Chunk(Compression::Zstd) => (KIND_ZSTD, 0),
+            RecordKind::Frame { member_offset } => (KIND_FRAME, member_offset),
         };
+        v[24..28].copy_from_slice(&member.to_be_bytes());
+        v[28] = kind;
         v
     }
 
     /// Decodes an entry.
     pub fn decode(v: &[u8]) -> Result<IndexEntry, String> {
-        let v: &[u8; INDEX_ENTRY_LEN] = v
-            .try_into()
-            .map_err(|_| format!("index entry is {} bytes, expected 25", v.len()))?;
+        let v: &[u8; INDEX_ENTRY_LEN] = v.try_into().map_err(|_| {
+            format!(
+                "index entry is {} bytes, expected {INDEX_ENTRY_LEN}",
+                v.len()
+            )
+        })?;
         let u64_at = |i: usize| {
-            u64::from_be_bytes([
-                v[i],
-                v[i + 1],
-                v[i + 2],
-                v[i + 3],
-                v[i + 4],
-                v[i + 5],
-                v[i + 6],
-                v[i + 7],
-            ])
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[i..i + 8]);
+            u64::from_be_bytes(b)
         };
         let u32_at = |i: usize| u32::from_be_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
-        let compression = match v[24] {
-            0 => Compression::None,
-            FLAG_ZSTD => Compression::Zstd,
-            f => return Err(format!("unknown index flags {f:#x}")),
+        let kind = match v[28] {
+            KIND_PLAIN => RecordKind::Chunk(Compression::None),
+            KIND_ZSTD => RecordKind::Chunk(Compression::Zstd),
+            KIND_FRAME => RecordKind::Frame {
+                member_offset: u32_at(24),
+            },
+            k => return Err(format!("unknown record kind {k}")),
         };
         Ok(IndexEntry {
             pack: PackId(u64_at(0)),
             offset: u64_at(8),
-            stored_len: u32_at(16),
+            record_len: u32_at(16),
             plain_len: u32_at(20),
-            compression,
+            kind,
         })
-    }
-
-    /// The record header this entry expects at its offset.
-    pub fn expected_header(&self, id: ChunkId) -> RecordHeader {
-        RecordHeader {
-            id,
-            compression: self.compression,
-            plain_len: self.plain_len,
-            stored_len: self.stored_len,
-        }
     }
 
     /// End offset of the record.
     pub fn end(&self) -> u64 {
-        self.offset + RECORD_HEADER_LEN as u64 + u64::from(self.stored_len)
+        self.offset + u64::from(self.record_len)
     }
 }
 
@@ -229,12 +365,19 @@ mod tests {
     proptest! {
         #[test]
         fn index_entry_round_trips(pack in any::<u64>(), offset in any::<u64>(),
-                                   stored in any::<u32>(), plain in any::<u32>(), z in any::<bool>()) {
-            let e = IndexEntry {
-                pack: PackId(pack), offset, stored_len: stored, plain_len: plain,
-                compression: if z { Compression::Zstd } else { Compression::None },
+                                   len in any::<u32>(), plain in any::<u32>(), kind in 0u8..3, member in any::<u32>()) {
+            let kind = match kind {
+                0 => RecordKind::Chunk(Compression::None),
+                1 => RecordKind::Chunk(Compression::Zstd),
+                _ => RecordKind::Frame { member_offset: member },
             };
+            let e = IndexEntry { pack: PackId(pack), offset, record_len: len, plain_len: plain, kind };
             prop_assert_eq!(IndexEntry::decode(&e.encode()).unwrap(), e);
+        }
+
+        #[test]
+        fn frame_header_parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = FrameHeader::parse(&bytes);
         }
 
         #[test]
@@ -255,6 +398,23 @@ mod tests {
         let mut bad = h.encode();
         bad[0] = b'X';
         assert!(RecordHeader::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn frame_header_round_trips() {
+        let f = FrameHeader {
+            members: vec![(ChunkId::of(b"a"), 10), (ChunkId::of(b"b"), 20)],
+            plain_len: 30,
+            stored_len: 7,
+        };
+        let bytes = f.encode();
+        assert_eq!(bytes.len(), f.table_end());
+        assert_eq!(FrameHeader::parse(&bytes).unwrap(), f);
+        let offsets: Vec<u32> = f.offsets().map(|(_, o, _)| o).collect();
+        assert_eq!(offsets, vec![0, 10]);
+        let mut bad = bytes.clone();
+        bad[8] = 99; // plain length no longer matches the members
+        assert!(FrameHeader::parse(&bad).is_err());
     }
 
     #[test]

@@ -59,37 +59,44 @@ pub(super) fn import_disk(
     let cs = u64::from(CLUSTER_SIZE);
     let mut builder = DiskBuilder::new(size, CLUSTER_SIZE);
     let levels = builder.levels();
-    let top = pipeline::run(store.backend(), threads, counters, progress, |sink| {
-        let mut put = |node: Node| store.put_node(&node);
-        let mut buf = vec![0u8; (READ_CLUSTERS * cs) as usize];
-        let mut next_cluster = 0u64;
-        let mut pos = 0u64;
-        while let Some((start, end)) = next_data(&file, path, pos, size)? {
-            let first = (start / cs).max(next_cluster);
-            let last = end.div_ceil(cs);
-            sink.skip((first * cs).saturating_sub(next_cluster * cs));
-            let mut c = first;
-            while c < last {
-                let n = (last - c).min(READ_CLUSTERS);
-                let off = c * cs;
-                let len = (n * cs).min(size - off) as usize;
-                file.read_exact_at(&mut buf[..len], off).ctx(path, "read")?;
-                sink.read(len as u64);
-                for (i, data) in buf[..len].chunks(cs as usize).enumerate() {
-                    if is_zero(data) {
-                        sink.skip(data.len() as u64);
-                        continue;
+    let top = pipeline::run(
+        store.backend(),
+        threads,
+        false,
+        counters,
+        progress,
+        |sink| {
+            let mut put = |node: Node| store.put_node(&node);
+            let mut buf = vec![0u8; (READ_CLUSTERS * cs) as usize];
+            let mut next_cluster = 0u64;
+            let mut pos = 0u64;
+            while let Some((start, end)) = next_data(&file, path, pos, size)? {
+                let first = (start / cs).max(next_cluster);
+                let last = end.div_ceil(cs);
+                sink.skip((first * cs).saturating_sub(next_cluster * cs));
+                let mut c = first;
+                while c < last {
+                    let n = (last - c).min(READ_CLUSTERS);
+                    let off = c * cs;
+                    let len = (n * cs).min(size - off) as usize;
+                    file.read_exact_at(&mut buf[..len], off).ctx(path, "read")?;
+                    sink.read(len as u64);
+                    for (i, data) in buf[..len].chunks(cs as usize).enumerate() {
+                        if is_zero(data) {
+                            sink.skip(data.len() as u64);
+                            continue;
+                        }
+                        let id = sink.add(data)?;
+                        builder.push(c + i as u64, id, &mut put)?;
                     }
-                    let id = sink.add(data)?;
-                    builder.push(c + i as u64, id, &mut put)?;
+                    c += n;
                 }
-                c += n;
+                next_cluster = last;
+                pos = end.max(last * cs).min(size);
             }
-            next_cluster = last;
-            pos = end.max(last * cs).min(size);
-        }
-        builder.finish(&mut put)
-    })?;
+            builder.finish(&mut put)
+        },
+    )?;
     let root = Node::Root(Root::Disk(DiskRoot {
         size,
         cluster_size: CLUSTER_SIZE,

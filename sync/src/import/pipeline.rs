@@ -4,7 +4,11 @@
 //! run at several GB/s) and asks the backend whether each chunk is known.
 //! Only new chunks are copied and queued to the workers, which compress
 //! (the expensive part) and store them. The queue is bounded, so memory stays
-//! at about `QUEUE_DEPTH × CDC_MAX` however large the import.
+//! at about `QUEUE_DEPTH × FRAME_TARGET_BYTES` however large the import.
+//!
+//! For tree imports consecutive new chunks are queued together, up to
+//! [`FRAME_TARGET_BYTES`], so a worker can compress them as one frame (see
+//! the pack format); disk imports queue clusters one by one.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,14 +16,18 @@ use std::sync::Mutex;
 
 use crossbeam_channel::{bounded, Sender};
 
+use crate::backend::pack::FRAME_MAX_MEMBERS;
 use crate::backend::ChunkBackend;
-use crate::chunk::Sealer;
+use crate::chunk::{Sealed, Sealer};
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
 use crate::progress::Progress;
 
-/// Chunks queued to the workers at most.
-const QUEUE_DEPTH: usize = 64;
+/// Jobs queued to the workers at most.
+const QUEUE_DEPTH: usize = 16;
+/// Plain bytes of consecutive new chunks grouped into one frame: ~1 MiB of
+/// context is where zstd's ratio on text-like data levels off.
+pub(crate) const FRAME_TARGET_BYTES: usize = 1024 * 1024;
 /// Ids of queued chunks remembered to skip repeats within one import. The set
 /// is cleared when it reaches this size: a repeat then costs one more index
 /// lookup (the backend dedups it), never a second copy.
@@ -38,8 +46,12 @@ pub(crate) struct ChunkCounters {
 /// Where the walking thread sends chunk data.
 pub(crate) struct ChunkSink<'a> {
     backend: &'a dyn ChunkBackend,
-    tx: Sender<(ChunkId, Vec<u8>)>,
+    tx: Sender<Vec<(ChunkId, Vec<u8>)>>,
     sent: HashSet<ChunkId>,
+    /// Consecutive new chunks waiting to be queued as one frame (`None`:
+    /// no framing).
+    frame: Option<Vec<(ChunkId, Vec<u8>)>>,
+    frame_bytes: usize,
     failure: &'a Mutex<Option<Error>>,
     counters: &'a ChunkCounters,
     progress: &'a dyn Progress,
@@ -66,13 +78,37 @@ impl ChunkSink<'_> {
         self.counters
             .bytes_new
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        if self.tx.send((id, data.to_vec())).is_err() {
-            // Workers only stop early after recording a failure.
-            return Err(take(self.failure).unwrap_or_else(|| {
-                Error::InvalidInput("chunk workers stopped unexpectedly".into())
-            }));
+        match self.frame.as_mut() {
+            Some(frame) => {
+                frame.push((id, data.to_vec()));
+                self.frame_bytes += data.len();
+                if self.frame_bytes >= FRAME_TARGET_BYTES || frame.len() >= FRAME_MAX_MEMBERS {
+                    self.send_frame()?;
+                }
+            }
+            None => self.send(vec![(id, data.to_vec())])?,
         }
         Ok(id)
+    }
+
+    fn send(&self, job: Vec<(ChunkId, Vec<u8>)>) -> Result<()> {
+        self.tx.send(job).map_err(|_| {
+            // Workers only stop early after recording a failure.
+            take(self.failure)
+                .unwrap_or_else(|| Error::InvalidInput("chunk workers stopped unexpectedly".into()))
+        })
+    }
+
+    /// Queues the pending frame, if any.
+    fn send_frame(&mut self) -> Result<()> {
+        if let Some(frame) = self.frame.as_mut() {
+            if !frame.is_empty() {
+                let job = std::mem::take(frame);
+                self.frame_bytes = 0;
+                self.send(job)?;
+            }
+        }
+        Ok(())
     }
 
     /// Notes bytes read from the source.
@@ -92,37 +128,43 @@ fn take(failure: &Mutex<Option<Error>>) -> Option<Error> {
 
 /// Runs `walk` with a [`ChunkSink`] backed by `threads` storing workers, and
 /// returns its result once every queued chunk is stored (not yet flushed).
+/// `framed` groups consecutive new chunks into frames.
 pub(crate) fn run<T>(
     backend: &dyn ChunkBackend,
     threads: usize,
+    framed: bool,
     counters: &ChunkCounters,
     progress: &dyn Progress,
     walk: impl FnOnce(&mut ChunkSink<'_>) -> Result<T>,
 ) -> Result<T> {
     let failure = Mutex::new(None);
-    let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(QUEUE_DEPTH);
+    let (tx, rx) = bounded::<Vec<(ChunkId, Vec<u8>)>>(QUEUE_DEPTH);
     let result = std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             let rx = rx.clone();
             let failure = &failure;
             scope.spawn(move || {
                 let mut sealer = Sealer::new();
-                for (id, data) in rx {
-                    let sealed = sealer.seal(id, &data);
-                    let stored = sealed.data.len() as u64;
-                    match backend.put(sealed) {
-                        Ok(true) => {
-                            counters.stored_new.fetch_add(stored, Ordering::Relaxed);
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            failure
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
-                            // Returning drops this receiver; the walker sees
-                            // the failure on its next chunk.
-                            return;
+                for job in rx {
+                    for sealed in sealer.seal_many(&job) {
+                        let stored = match &sealed {
+                            Sealed::Chunk(c) => c.data.len(),
+                            Sealed::Frame(f) => f.data.len(),
+                        } as u64;
+                        match backend.put(sealed) {
+                            Ok(0) => {}
+                            Ok(_) => {
+                                counters.stored_new.fetch_add(stored, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                failure
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_or_insert(e);
+                                // Returning drops this receiver; the walker
+                                // sees the failure on its next chunk.
+                                return;
+                            }
                         }
                     }
                 }
@@ -136,8 +178,10 @@ pub(crate) fn run<T>(
             failure: &failure,
             counters,
             progress,
+            frame: framed.then(Vec::new),
+            frame_bytes: 0,
         };
-        let r = walk(&mut sink);
+        let r = walk(&mut sink).and_then(|v| sink.send_frame().map(|()| v));
         drop(sink);
         r
     });

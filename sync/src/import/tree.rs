@@ -403,7 +403,7 @@ pub(super) fn import_tree(
         stats_cached: 0,
         buf: Vec::new(),
     };
-    let dir = pipeline::run(store.backend(), threads, counters, progress, |sink| {
+    let dir = pipeline::run(store.backend(), threads, true, counters, progress, |sink| {
         builder.build_dir(scanned, b"", sink)
     })?;
     stats.bytes_cached = builder.stats_cached;

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rocksdb::{BlockBasedOptions, DBCompressionType, LogLevel, Options, DB};
 
 use crate::backend::{ChunkBackend, LocalBackend};
-use crate::chunk::Sealer;
+use crate::chunk::{Sealed, Sealer};
 use crate::error::{Error, IoContext, Result};
 use crate::id::{ChunkId, ManifestId};
 use crate::manifest::{Node, NodeSource};
@@ -388,7 +388,7 @@ impl Store {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .seal(id.chunk(), &bytes);
-            self.backend.put(sealed)?;
+            self.backend.put(Sealed::Chunk(sealed))?;
         }
         Ok(id)
     }
