@@ -6,31 +6,21 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use super::cache::{Cache, CacheEntry, Stamp, DISK_KEY};
-use super::pipeline::{self, ChunkCounters};
+use super::pipeline;
 use super::tree::next_data;
-use super::ImportStats;
+use super::{ImportStats, Job};
 use crate::chunk::{is_zero, CLUSTER_SIZE};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{DiskBuilder, DiskRoot, Node, Root};
-use crate::progress::Progress;
-use crate::store::Store;
 
 /// Clusters read per `pread`.
 const READ_CLUSTERS: u64 = 64;
 
-/// Imports the image at `path`; returns the root node and the new cache.
-pub(super) fn import_disk(
-    store: &Store,
-    path: &Path,
-    old_cache: &Cache,
-    threads: usize,
-    counters: &ChunkCounters,
-    progress: &dyn Progress,
-    stats: &mut ImportStats,
-) -> Result<(Node, Cache)> {
+/// Imports the image at `job.path`; returns the root node and the new cache.
+pub(super) fn import_disk(job: &Job<'_>, stats: &mut ImportStats) -> Result<(Node, Cache)> {
+    let (store, path, progress) = (job.store, job.path, job.progress);
     let file = File::open(path).ctx(path, "open")?;
     let meta = file.metadata().ctx(path, "stat")?;
     if !meta.is_file() {
@@ -44,7 +34,7 @@ pub(super) fn import_disk(
     stats.files = 1;
     stats.bytes = size;
     let mut new_cache = Cache::new();
-    if let Some(CacheEntry::Disk { stamp: s, root }) = old_cache.get(DISK_KEY) {
+    if let Some(CacheEntry::Disk { stamp: s, root }) = job.old_cache.get(DISK_KEY) {
         if *s == stamp {
             if let Ok(node @ Node::Root(Root::Disk(_))) =
                 crate::manifest::NodeSource::load(store, *root)
@@ -61,9 +51,9 @@ pub(super) fn import_disk(
     let levels = builder.levels();
     let top = pipeline::run(
         store.backend(),
-        threads,
+        job.threads,
         false,
-        counters,
+        job.counters,
         progress,
         |sink| {
             let mut put = |node: Node| store.put_node(&node);

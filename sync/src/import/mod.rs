@@ -95,6 +95,16 @@ pub struct ImportReport {
     pub stats: ImportStats,
 }
 
+/// What both kinds of import work with.
+struct Job<'a> {
+    store: &'a Store,
+    path: &'a Path,
+    old_cache: &'a cache::Cache,
+    threads: usize,
+    counters: &'a pipeline::ChunkCounters,
+    progress: &'a dyn Progress,
+}
+
 impl Store {
     /// Imports `path` as a new version of layer `name`: a directory for a
     /// tree layer, a raw image file for a disk layer.
@@ -139,25 +149,17 @@ impl Store {
         };
         let counters = pipeline::ChunkCounters::default();
         let mut stats = ImportStats::default();
+        let job = Job {
+            store: self,
+            path,
+            old_cache: &old_cache,
+            threads,
+            counters: &counters,
+            progress: opts.progress,
+        };
         let (root, new_cache) = match layer.format {
-            LayerFormat::Tree => tree::import_tree(
-                self,
-                path,
-                &old_cache,
-                threads,
-                &counters,
-                opts.progress,
-                &mut stats,
-            )?,
-            LayerFormat::Disk => disk::import_disk(
-                self,
-                path,
-                &old_cache,
-                threads,
-                &counters,
-                opts.progress,
-                &mut stats,
-            )?,
+            LayerFormat::Tree => tree::import_tree(&job, &mut stats)?,
+            LayerFormat::Disk => disk::import_disk(&job, &mut stats)?,
         };
         stats.chunks = counters.chunks.load(Ordering::Relaxed);
         stats.bytes_read = counters.bytes_read.load(Ordering::Relaxed);

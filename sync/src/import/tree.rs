@@ -18,8 +18,8 @@ use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 
 use super::cache::{Cache, CacheEntry, Stamp};
-use super::pipeline::{self, ChunkCounters, ChunkSink};
-use super::ImportStats;
+use super::pipeline::{self, ChunkSink};
+use super::{ImportStats, Job};
 use crate::chunk::CdcChunker;
 use crate::error::{Error, IoContext, Result};
 use crate::id::ManifestId;
@@ -28,7 +28,6 @@ use crate::manifest::{
     split_leaves, Content, DirNode, Entry, EntryKind, Extent, ExtentLeaf, FileIndex, LeafRef, Meta,
     Node, Root, Xattr, INLINE_EXTENTS,
 };
-use crate::progress::Progress;
 use crate::store::Store;
 
 /// Deepest directory nesting accepted (PATH_MAX / 2: each level needs at
@@ -377,16 +376,9 @@ pub(crate) fn make_content(store: &Store, extents: Vec<Extent>) -> Result<Conten
     ))
 }
 
-/// Imports the directory `root`; returns the root node and the new cache.
-pub(super) fn import_tree(
-    store: &Store,
-    root: &Path,
-    old_cache: &Cache,
-    threads: usize,
-    counters: &ChunkCounters,
-    progress: &dyn Progress,
-    stats: &mut ImportStats,
-) -> Result<(Node, Cache)> {
+/// Imports the directory `job.path`; returns the root node and the new cache.
+pub(super) fn import_tree(job: &Job<'_>, stats: &mut ImportStats) -> Result<(Node, Cache)> {
+    let (store, root, progress) = (job.store, job.path, job.progress);
     progress.phase("scan", None);
     let root_meta = fs::metadata(root).ctx(root, "stat")?;
     let meta = meta_of(root, &root_meta)?;
@@ -396,16 +388,21 @@ pub(super) fn import_tree(
     progress.phase("import", Some(stats.bytes));
     let mut builder = Builder {
         store,
-        old_cache,
+        old_cache: job.old_cache,
         new_cache: Cache::new(),
         link_counts,
         link_groups: HashMap::new(),
         stats_cached: 0,
         buf: Vec::new(),
     };
-    let dir = pipeline::run(store.backend(), threads, true, counters, progress, |sink| {
-        builder.build_dir(scanned, b"", sink)
-    })?;
+    let dir = pipeline::run(
+        store.backend(),
+        job.threads,
+        true,
+        job.counters,
+        progress,
+        |sink| builder.build_dir(scanned, b"", sink),
+    )?;
     stats.bytes_cached = builder.stats_cached;
     Ok((Node::Root(Root::Tree { meta, dir }), builder.new_cache))
 }
