@@ -72,7 +72,7 @@ fn import_killed_at_random_points_leaves_a_consistent_store() {
     // What a whole import writes, to spread the kill points over it.
     let calibrate = Env::new();
     let src = big_tree(&calibrate);
-    calibrate.ok(&["layer", "create", "x", "--kind", "os", "--format", "tree"]);
+    calibrate.create("x", "os", "tree");
     calibrate.import("x", &src);
     let total = dir_size(&calibrate.store.join("packs"));
     let mut killed = 0;
@@ -81,7 +81,7 @@ fn import_killed_at_random_points_leaves_a_consistent_store() {
     for fraction in [0.1, 0.35, 0.6, 0.85, 0.999] {
         // A fresh store each time, so every run does the whole work.
         let env = Env::new();
-        env.ok(&["layer", "create", "l", "--kind", "os", "--format", "tree"]);
+        env.create("l", "os", "tree");
         let mut child = spawn_import(&env, "l", &src);
         let target = (total as f64 * fraction) as u64 + jitter(1 << 20);
         let was_killed = kill_at_pack_bytes(&env, &mut child, target.min(total));
@@ -104,12 +104,7 @@ fn import_killed_at_random_points_leaves_a_consistent_store() {
             "after a kill at {target} of {total} pack bytes: {fsck}"
         );
         // A re-run completes, reusing what the killed run stored.
-        let r = env.json(&[
-            "layer".as_ref(),
-            "import".as_ref(),
-            "l".as_ref(),
-            src.as_os_str(),
-        ]);
+        let r = env.import_report("l", &src);
         let (chunks, new) = (
             r["stats"]["chunks"].as_u64().unwrap(),
             r["stats"]["chunks_new"].as_u64().unwrap(),
@@ -121,12 +116,7 @@ fn import_killed_at_random_points_leaves_a_consistent_store() {
             );
         }
         let out = env.path("out");
-        env.ok(&[
-            "layer".as_ref(),
-            "export".as_ref(),
-            "l".as_ref(),
-            out.as_os_str(),
-        ]);
+        env.export("l", &out);
         compare_trees(&src, &out);
         // gc clears whatever the killed run left unreferenced.
         let g = env.json(&["gc"]);
@@ -173,23 +163,16 @@ fn gc_and_readers_while_an_import_runs() {
     let src = big_tree(&env);
     let small = env.path("small");
     write(&small.join("a"), b"already here");
-    env.ok(&[
-        "layer", "create", "base", "--kind", "os", "--format", "tree",
-    ]);
+    env.create("base", "os", "tree");
     env.import("base", &small);
-    env.ok(&["layer", "create", "big", "--kind", "os", "--format", "tree"]);
+    env.create("big", "os", "tree");
     let mut child = spawn_import(&env, "big", &src);
     wait_for_writer(&env, &mut child);
     // Readers don't wait for the writer.
     let ls = env.json(&["layer", "ls"]);
     assert_eq!(ls["layers"].as_array().unwrap().len(), 2);
     let out = env.path("base-out");
-    env.ok(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "base".as_ref(),
-        out.as_os_str(),
-    ]);
+    env.export("base", &out);
     assert_eq!(fs::read(out.join("a")).unwrap(), b"already here");
     // gc either refuses at once (--no-wait)...
     let o = env.run(&["--no-wait", "gc"]);
@@ -215,11 +198,6 @@ fn gc_and_readers_while_an_import_runs() {
     );
     assert_eq!(env.json(&["fsck"])["ok"], true);
     let out = env.path("big-out");
-    env.ok(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "big".as_ref(),
-        out.as_os_str(),
-    ]);
+    env.export("big", &out);
     compare_trees(&src, &out);
 }

@@ -137,23 +137,11 @@ fn tree_round_trip_keeps_content_and_metadata() {
     let env = Env::new();
     let src = env.path("src");
     every_kind_tree(&src);
-    env.ok(&[
-        "layer", "create", "os/base", "--kind", "os", "--format", "tree",
-    ]);
-    let report = env.json(&[
-        "layer".as_ref(),
-        "import".as_ref(),
-        "os/base".as_ref(),
-        src.as_os_str(),
-    ]);
+    env.create("os/base", "os", "tree");
+    let report = env.import_report("os/base", &src);
     assert_eq!(report["unchanged"], false);
     let out = env.path("out");
-    env.ok(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "os/base".as_ref(),
-        out.as_os_str(),
-    ]);
+    env.export("os/base", &out);
     compare_trees(&src, &out);
     // The absolute symlink was stored, not followed.
     assert_eq!(
@@ -167,12 +155,7 @@ fn tree_round_trip_keeps_content_and_metadata() {
     // An empty existing directory is an acceptable destination too.
     let out2 = env.path("out2");
     fs::create_dir(&out2).unwrap();
-    env.ok(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "os/base@head".as_ref(),
-        out2.as_os_str(),
-    ]);
+    env.export("os/base@head", &out2);
     compare_trees(&src, &out2);
     let fsck = env.json(&["fsck"]);
     assert_eq!(fsck["ok"], true, "{fsck}");
@@ -184,20 +167,10 @@ fn same_content_gives_the_same_root_and_unchanged_imports_make_no_version() {
     let src = env.path("src");
     every_kind_tree(&src);
     for l in ["a", "b"] {
-        env.ok(&["layer", "create", l, "--kind", "group", "--format", "tree"]);
+        env.create(l, "group", "tree");
     }
-    let ra = env.json(&[
-        "layer".as_ref(),
-        "import".as_ref(),
-        "a".as_ref(),
-        src.as_os_str(),
-    ]);
-    let rb = env.json(&[
-        "layer".as_ref(),
-        "import".as_ref(),
-        "b".as_ref(),
-        src.as_os_str(),
-    ]);
+    let ra = env.import_report("a", &src);
+    let rb = env.import_report("b", &src);
     assert_eq!(ra["root"], rb["root"]);
     // A copy elsewhere (different inodes, same content) has the same root.
     let copy = env.path("copy");
@@ -208,21 +181,11 @@ fn same_content_gives_the_same_root_and_unchanged_imports_make_no_version() {
         .status()
         .unwrap();
     assert!(st.success());
-    let rc = env.json(&[
-        "layer".as_ref(),
-        "import".as_ref(),
-        "b".as_ref(),
-        copy.as_os_str(),
-    ]);
+    let rc = env.import_report("b", &copy);
     assert_eq!(rc["root"], ra["root"]);
     assert_eq!(rc["unchanged"], true);
     // Re-importing unchanged data reads nothing and adds no version.
-    let again = env.json(&[
-        "layer".as_ref(),
-        "import".as_ref(),
-        "a".as_ref(),
-        src.as_os_str(),
-    ]);
+    let again = env.import_report("a", &src);
     assert_eq!(again["unchanged"], true);
     assert_eq!(again["version"], ra["version"]);
     assert_eq!(again["stats"]["bytes_read"], 0, "{again}");
@@ -247,23 +210,11 @@ fn disk_round_trip_keeps_bytes_and_holes() {
     let env = Env::new();
     let img = env.path("disk.raw");
     make_image(&img);
-    env.ok(&[
-        "layer", "create", "os/disk", "--kind", "os", "--format", "disk",
-    ]);
-    let r = env.json(&[
-        "layer".as_ref(),
-        "import".as_ref(),
-        "os/disk".as_ref(),
-        img.as_os_str(),
-    ]);
+    env.create("os/disk", "os", "disk");
+    let r = env.import_report("os/disk", &img);
     assert_eq!(r["stats"]["bytes"], (20 << 20) + 12_345);
     let out = env.path("out.raw");
-    env.ok(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "os/disk".as_ref(),
-        out.as_os_str(),
-    ]);
+    env.export("os/disk", &out);
     assert_eq!(fs::read(&img).unwrap(), fs::read(&out).unwrap());
     // Still sparse: data only where the source had non-zero data, and no more
     // blocks than the source.
@@ -277,12 +228,7 @@ fn disk_round_trip_keeps_bytes_and_holes() {
     let data_bytes: u64 = map.iter().map(|(a, b)| b - a).sum();
     assert!(data_bytes < 1 << 20, "data map {map:?}");
     // Exporting over an existing file needs --force.
-    let (code, err) = env.fail(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "os/disk".as_ref(),
-        out.as_os_str(),
-    ]);
+    let (code, err) = env.export_fails("os/disk", &out);
     assert_eq!(code, 1);
     assert!(err.contains("exists"), "{err}");
     env.ok(&[
@@ -302,7 +248,7 @@ fn dedup_across_layers_and_after_a_small_edit() {
     let big = src.join("big.bin");
     write(&big, &random_bytes(200 << 20, 42));
     for l in ["one", "two"] {
-        env.ok(&["layer", "create", l, "--kind", "data", "--format", "tree"]);
+        env.create(l, "data", "tree");
     }
     env.import("one", &src);
     let after_one = env.store_size();
@@ -317,12 +263,7 @@ fn dedup_across_layers_and_after_a_small_edit() {
     );
     // Change 1 MiB in the middle.
     overwrite(&big, 100 << 20, &random_bytes(1 << 20, 43));
-    let r = env.json(&[
-        "layer".as_ref(),
-        "import".as_ref(),
-        "one".as_ref(),
-        src.as_os_str(),
-    ]);
+    let r = env.import_report("one", &src);
     let growth = env.store_size().saturating_sub(after_two);
     assert!(
         growth < 2 << 20,
@@ -361,9 +302,7 @@ fn tree_diff_lists_exactly_what_changed() {
     write(&src.join("mode.sh"), b"echo");
     write(&src.join("retype"), b"file now");
     set_all_times(&src, 1_500_000_000);
-    env.ok(&[
-        "layer", "create", "t", "--kind", "personal", "--format", "tree",
-    ]);
+    env.create("t", "personal", "tree");
     env.import("t", &src);
     // Second version.
     write(&src.join("edit.txt"), b"after!");
@@ -413,7 +352,7 @@ fn disk_diff_lists_exact_cluster_ranges() {
     for c in [3u64, 4, 10, 20] {
         overwrite(&img, c * 65536, &random_bytes(65536, c));
     }
-    env.ok(&["layer", "create", "d", "--kind", "os", "--format", "disk"]);
+    env.create("d", "os", "disk");
     env.import("d", &img);
     overwrite(&img, 3 * 65536 + 512, b"changed sector");
     overwrite(&img, 4 * 65536, b"changed too");
@@ -450,7 +389,7 @@ fn disk_diff_lists_exact_cluster_ranges() {
 fn versions_are_named_by_head_offsets_and_id_prefixes() {
     let env = Env::new();
     let src = env.path("src");
-    env.ok(&["layer", "create", "v", "--kind", "data", "--format", "tree"]);
+    env.create("v", "data", "tree");
     let mut ids = Vec::new();
     for i in 0..3 {
         write(&src.join("f"), format!("version {i}").as_bytes());
@@ -467,12 +406,7 @@ fn versions_are_named_by_head_offsets_and_id_prefixes() {
     assert_eq!(log["versions"][0]["parents"][0], ids[1].as_str());
     for (spec, want) in [("head", 2), ("head~1", 1), ("head~2", 0), ("head^^", 0)] {
         let out = env.path(&format!("x-{spec}"));
-        let r = env.json(&[
-            "layer".as_ref(),
-            "export".as_ref(),
-            format!("v@{spec}").as_ref(),
-            out.as_os_str(),
-        ]);
+        let r = env.export(&format!("v@{spec}"), &out);
         assert_eq!(r["version"], ids[want].as_str(), "{spec}");
         assert_eq!(
             fs::read(out.join("f")).unwrap(),
@@ -481,12 +415,7 @@ fn versions_are_named_by_head_offsets_and_id_prefixes() {
     }
     let prefix = &ids[0][..8];
     let out = env.path("by-prefix");
-    let r = env.json(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        format!("v@{prefix}").as_ref(),
-        out.as_os_str(),
-    ]);
+    let r = env.export(&format!("v@{prefix}"), &out);
     assert_eq!(r["version"], ids[0].as_str());
     // Past the first version, or an unknown id: clear errors.
     let (code, err) = env.fail(&["layer", "diff", "v@head~3", "v@head"]);
@@ -502,7 +431,7 @@ fn versions_are_named_by_head_offsets_and_id_prefixes() {
 #[test]
 fn bad_input_gets_clear_errors_and_changes_nothing() {
     let env = Env::new();
-    env.ok(&["layer", "create", "l", "--kind", "os", "--format", "tree"]);
+    env.create("l", "os", "tree");
     // Missing path.
     let missing = env.path("nope");
     let (code, err) = env.fail(&[
@@ -544,12 +473,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     env.import("l", &src);
     let busy = env.path("busy");
     write(&busy.join("x"), b"x");
-    let (_, err) = env.fail(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "l".as_ref(),
-        busy.as_os_str(),
-    ]);
+    let (_, err) = env.export_fails("l", &busy);
     assert!(err.contains("not empty"), "{err}");
     assert_eq!(fs::read_dir(&busy).unwrap().count(), 1);
     // Not a store.
@@ -591,7 +515,7 @@ fn unreadable_file_fails_the_import_and_leaves_the_ref() {
         return;
     }
     let env = Env::new();
-    env.ok(&["layer", "create", "l", "--kind", "data", "--format", "tree"]);
+    env.create("l", "data", "tree");
     let src = env.path("src");
     write(&src.join("ok"), b"fine");
     write(&src.join("secret"), b"no");
@@ -643,7 +567,7 @@ fn a_flipped_byte_in_a_pack_is_named_by_fsck() {
     let env = Env::new();
     let src = env.path("src");
     write(&src.join("data.bin"), &random_bytes(1 << 20, 5));
-    env.ok(&["layer", "create", "c", "--kind", "data", "--format", "tree"]);
+    env.create("c", "data", "tree");
     env.import("c", &src);
     let pack = packs(&env.store).into_iter().next().unwrap();
     let mut bytes = fs::read(&pack).unwrap();
@@ -671,12 +595,7 @@ fn a_flipped_byte_in_a_pack_is_named_by_fsck() {
     let text = String::from_utf8_lossy(&env.run(&["fsck"]).stdout).into_owned();
     assert!(text.contains(&format!("chunk {id}")), "{text}");
     let dest = env.path("out");
-    let (code, err) = env.fail(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "c".as_ref(),
-        dest.as_os_str(),
-    ]);
+    let (code, err) = env.export_fails("c", &dest);
     assert_eq!(code, 1);
     assert!(err.contains(&id), "{err}");
     assert!(!dest.exists(), "a failed export left {}", dest.display());
@@ -687,7 +606,7 @@ fn a_truncated_pack_gives_a_clear_error() {
     let env = Env::new();
     let src = env.path("src");
     write(&src.join("data.bin"), &random_bytes(3 << 20, 6));
-    env.ok(&["layer", "create", "c", "--kind", "data", "--format", "tree"]);
+    env.create("c", "data", "tree");
     env.import("c", &src);
     let pack = packs(&env.store).into_iter().next().unwrap();
     let len = fs::metadata(&pack).unwrap().len();
@@ -707,19 +626,12 @@ fn a_truncated_pack_gives_a_clear_error() {
     assert_eq!(code, Some(1));
     assert!(out.contains("truncated"), "{out}");
     let dest = env.path("out");
-    let (code, err) = env.fail(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "c".as_ref(),
-        dest.as_os_str(),
-    ]);
+    let (code, err) = env.export_fails("c", &dest);
     assert_eq!(code, 1);
     assert!(err.contains("truncated") && err.contains("pack"), "{err}");
     assert!(!dest.exists());
     // A writer opening the store does not "repair" data away.
-    env.ok(&[
-        "layer", "create", "other", "--kind", "data", "--format", "tree",
-    ]);
+    env.create("other", "data", "tree");
     assert_eq!(fs::metadata(&pack).unwrap().len(), len / 2);
 }
 
@@ -731,7 +643,7 @@ fn gc_removes_only_what_no_kept_version_needs() {
     write(&keep.join("k.bin"), &random_bytes(4 << 20, 7));
     write(&drop_.join("d.bin"), &random_bytes(6 << 20, 8));
     for l in ["keep", "drop"] {
-        env.ok(&["layer", "create", l, "--kind", "data", "--format", "tree"]);
+        env.create(l, "data", "tree");
     }
     env.import("keep", &keep);
     env.import("drop", &drop_);
@@ -754,12 +666,7 @@ fn gc_removes_only_what_no_kept_version_needs() {
     );
     assert_eq!(env.json(&["fsck"])["ok"], true);
     let out = env.path("out");
-    env.ok(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "keep".as_ref(),
-        out.as_os_str(),
-    ]);
+    env.export("keep", &out);
     assert_eq!(
         fs::read(out.join("k.bin")).unwrap(),
         fs::read(keep.join("k.bin")).unwrap()
@@ -799,18 +706,8 @@ fn hex_of(b: &[u8]) -> String {
 #[test]
 fn listings_have_json_and_text() {
     let env = Env::new();
-    env.ok(&[
-        "layer", "create", "os/a", "--kind", "os", "--format", "disk",
-    ]);
-    env.ok(&[
-        "layer",
-        "create",
-        "user/bob/data",
-        "--kind",
-        "data",
-        "--format",
-        "tree",
-    ]);
+    env.create("os/a", "os", "disk");
+    env.create("user/bob/data", "data", "tree");
     let ls = env.json(&["layer", "ls"]);
     let layers = ls["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
@@ -843,15 +740,8 @@ fn frames_compress_text_and_a_damaged_frame_is_named() {
     let env = Env::new();
     let src = env.path("src");
     text_tree(&src, 12, 1);
-    env.ok(&[
-        "layer", "create", "docs", "--kind", "data", "--format", "tree",
-    ]);
-    let r = env.json(&[
-        "layer".as_ref(),
-        "import".as_ref(),
-        "docs".as_ref(),
-        src.as_os_str(),
-    ]);
+    env.create("docs", "data", "tree");
+    let r = env.import_report("docs", &src);
     let (plain, stored) = (
         r["stats"]["bytes_new"].as_u64().unwrap(),
         r["stats"]["stored_new"].as_u64().unwrap(),
@@ -893,12 +783,7 @@ fn frames_compress_text_and_a_damaged_frame_is_named() {
         "every member of the damaged frame is named: {doc}"
     );
     let dest = env.path("out");
-    let (code, _) = env.fail(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "docs".as_ref(),
-        dest.as_os_str(),
-    ]);
+    let (code, _) = env.export_fails("docs", &dest);
     assert_eq!(code, 1);
     assert!(!dest.exists());
 }
@@ -916,7 +801,7 @@ fn gc_rewrites_frames_whose_members_are_partly_dead() {
         fs::copy(a.join(&name), b.join(&name)).unwrap();
     }
     for l in ["a", "b"] {
-        env.ok(&["layer", "create", l, "--kind", "data", "--format", "tree"]);
+        env.create(l, "data", "tree");
     }
     env.import("a", &a);
     env.import("b", &b);
@@ -929,12 +814,7 @@ fn gc_rewrites_frames_whose_members_are_partly_dead() {
     );
     assert_eq!(env.json(&["fsck"])["ok"], true);
     let out = env.path("out");
-    env.ok(&[
-        "layer".as_ref(),
-        "export".as_ref(),
-        "b".as_ref(),
-        out.as_os_str(),
-    ]);
+    env.export("b", &out);
     compare_trees(&b, &out);
     // A second gc finds nothing more to do.
     let g = env.json(&["gc"]);

@@ -103,7 +103,42 @@ impl Env {
         )
     }
 
-    /// Creates a layer and imports `src`; returns the version id.
+    /// `lamina layer create LAYER --kind KIND --format FORMAT`.
+    pub fn create(&self, layer: &str, kind: &str, format: &str) {
+        self.ok(&["layer", "create", layer, "--kind", kind, "--format", format]);
+    }
+
+    /// `lamina --json layer import LAYER SRC`: the report.
+    pub fn import_report(&self, layer: &str, src: &Path) -> Value {
+        self.json(&[
+            "layer".as_ref(),
+            "import".as_ref(),
+            layer.as_ref(),
+            src.as_os_str(),
+        ])
+    }
+
+    /// `lamina --json layer export SPEC DEST`: the report.
+    pub fn export(&self, spec: &str, dest: &Path) -> Value {
+        self.json(&[
+            "layer".as_ref(),
+            "export".as_ref(),
+            spec.as_ref(),
+            dest.as_os_str(),
+        ])
+    }
+
+    /// `lamina layer export SPEC DEST`, expected to fail: (exit code, stderr).
+    pub fn export_fails(&self, spec: &str, dest: &Path) -> (i32, String) {
+        self.fail(&[
+            "layer".as_ref(),
+            "export".as_ref(),
+            spec.as_ref(),
+            dest.as_os_str(),
+        ])
+    }
+
+    /// Imports `src` into an existing layer; returns the version id.
     pub fn import(&self, layer: &str, src: &Path) -> String {
         let v = self.json(&[
             "layer".as_ref(),
