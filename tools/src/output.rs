@@ -69,6 +69,14 @@ impl Out {
         }
     }
 
+    /// A closing summary on stderr, only for a person at a terminal (like
+    /// the progress bar it replaces).
+    pub fn summary(&self, msg: &str) {
+        if self.progress_allowed() {
+            eprintln!("{msg}");
+        }
+    }
+
     /// Reports a failure: one line on stderr, and the JSON error document.
     pub fn error(&self, e: &anyhow::Error) {
         eprintln!("error: {e:#}");

@@ -135,7 +135,7 @@ fn one(
     )?;
     timed(tools.restic(&repo).arg("init"), "restic init")?;
     for phase in ["fresh", "unchanged"] {
-        out.note(&format!("{name} {phase}: lamina import…"));
+        out.summary(&format!("{name} {phase}: lamina import…"));
         let l = timed(
             tools
                 .lamina(&store)
@@ -143,7 +143,7 @@ fn one(
                 .arg(source),
             "lamina layer import",
         )?;
-        out.note(&format!("{name} {phase}: restic backup…"));
+        out.summary(&format!("{name} {phase}: restic backup…"));
         let r = timed(
             tools.restic(&repo).arg("backup").arg(source),
             "restic backup",
@@ -197,7 +197,7 @@ fn import(out: &Out, a: &BenchImportArgs) -> anyhow::Result<ExitCode> {
         work: work.clone(),
     };
     let result = (|| -> anyhow::Result<Report> {
-        out.note(&format!(
+        out.summary(&format!(
             "generating {} of test data in {}…",
             bytes(2 * a.size),
             work.display()
@@ -206,7 +206,7 @@ fn import(out: &Out, a: &BenchImportArgs) -> anyhow::Result<ExitCode> {
         let (tree_bytes, files) = data::make_tree(&tree, a.size, 1)?;
         let image = work.join("data/image.raw");
         let image_bytes = data::make_image(&image, a.size, 2)?;
-        out.note(&format!(
+        out.summary(&format!(
             "tree: {files} files, {}; image: {}",
             bytes(tree_bytes),
             bytes(image_bytes)

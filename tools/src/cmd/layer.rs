@@ -80,7 +80,7 @@ fn import(cli: &Cli, out: &Out, a: &ImportArgs) -> anyhow::Result<()> {
     };
     let secs = started.elapsed().as_secs_f64();
     let s = &report.stats;
-    out.note(&format!(
+    out.summary(&format!(
         "{}: {} files, {} in {:.1} s ({}/s); {} new chunks, {} stored{}",
         report.layer,
         s.files,
