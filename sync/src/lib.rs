@@ -50,6 +50,7 @@ mod changes;
 pub mod chunk;
 mod error;
 mod export;
+mod failpoint;
 mod fsck;
 mod gc;
 mod id;

@@ -13,6 +13,10 @@ impl Bar {
     pub fn new(enabled: bool) -> Self {
         let bar = enabled.then(|| {
             let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg}") {
+                b.set_style(style);
+            }
+            b.set_message("starting");
             b.enable_steady_tick(std::time::Duration::from_millis(200));
             b
         });

@@ -169,6 +169,7 @@ impl Store {
         let root_id = self.put_node(&root)?;
         opts.progress.phase("commit", None);
         self.backend.flush()?;
+        crate::failpoint::hit("import-flushed");
         let unchanged = match head {
             Some(h) => self.version(h)?.root == root_id,
             None => false,

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 
+use rocksdb::{WriteBatch, WriteOptions};
+
 use super::LocalBackend;
 use crate::backend::pack::{
     parse_pack_header, IndexEntry, RecordKind, PACK_HEADER_LEN, PACK_TARGET_BYTES,
@@ -21,6 +23,22 @@ use crate::store::keys::CF_PACKS;
 type Records = BTreeMap<u64, Vec<(ChunkId, IndexEntry)>>;
 
 impl LocalBackend {
+    /// Removes a pack no index entry points at: first its `packs` entry (a
+    /// synced write), then the file. A crash in between leaves a file the
+    /// next writer treats as a crash leftover, never an entry for a missing
+    /// file.
+    fn forget_pack(&self, id: PackId, path: &std::path::Path) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(cf(&self.db, CF_PACKS)?, id.0.to_be_bytes());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(super::db_err(&self.db_path, "forget pack"))?;
+        crate::failpoint::hit("pack-forgotten");
+        fs::remove_file(path).ctx(path, "remove pack")
+    }
+
     fn live_records(&self) -> Result<HashMap<PackId, Records>> {
         let mut live: HashMap<PackId, Records> = HashMap::new();
         self.index_entries(&mut |id, e| {
@@ -87,15 +105,11 @@ impl LocalBackend {
         self.flush_locked(&mut st, true, true)?;
         let mut live = self.live_records()?;
         let mut stats = ReclaimStats::default();
-        let packs_cf = cf(&self.db, CF_PACKS)?;
         let mut rewrite = Vec::new();
         for (id, path, size) in self.pack_files()? {
             let records = live.remove(&id).unwrap_or_default();
             if records.is_empty() {
-                fs::remove_file(&path).ctx(&path, "remove dead pack")?;
-                self.db
-                    .delete_cf(packs_cf, id.0.to_be_bytes())
-                    .map_err(super::db_err(&self.db_path, "forget dead pack"))?;
+                self.forget_pack(id, &path)?;
                 stats.packs_deleted += 1;
                 stats.bytes_freed += size;
                 continue;
@@ -134,10 +148,8 @@ impl LocalBackend {
                 written += super::write::record_len(s);
             }
             self.flush_locked(&mut st, false, true)?;
-            fs::remove_file(&path).ctx(&path, "remove rewritten pack")?;
-            self.db
-                .delete_cf(packs_cf, id.0.to_be_bytes())
-                .map_err(super::db_err(&self.db_path, "forget rewritten pack"))?;
+            crate::failpoint::hit("pack-rewritten");
+            self.forget_pack(id, &path)?;
             stats.packs_rewritten += 1;
             stats.bytes_freed += size.saturating_sub(written);
         }
