@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::id::{LayerId, VersionId};
 use crate::layer::{check_layer_name, Layer, LayerFormat, LayerKind};
 use crate::store::keys::{
-    layer_ref, prefix_end, reflog_key, reflog_prefix, CF_FILECACHE, CF_LAYERS, CF_REFLOG, CF_REFS,
-    CF_VERSIONS,
+    layer_ref, prefix_end, reflog_key, reflog_prefix, CF_FILECACHE, CF_LAYERS, CF_RECORDS,
+    CF_REFLOG, CF_REFS, CF_VERSIONS,
 };
 use crate::store::{cf, Store};
 use crate::version::{SpecBase, Version, VersionSpec};
@@ -284,8 +284,34 @@ impl Store {
         Ok(out)
     }
 
+    /// Starts a set of catalog changes that [`Store::commit`] applies in one
+    /// synced write. The batch holds the store's commit lock until it is
+    /// committed or dropped, so the compare-and-swap checks made while
+    /// building it stay valid.
+    ///
+    /// # Errors
+    /// A store not opened for writing.
+    pub fn batch(&self) -> Result<Batch<'_>> {
+        self.require_write()?;
+        Ok(Batch {
+            store: self,
+            inner: WriteBatch::default(),
+            refs: HashMap::new(),
+            seqs: HashMap::new(),
+            _guard: self.commit_lock.lock().unwrap_or_else(|p| p.into_inner()),
+        })
+    }
+
+    /// Applies a batch; durable when it returns.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn commit(&self, batch: Batch<'_>) -> Result<()> {
+        self.write_synced(batch.inner, "commit catalog batch")
+    }
+
     /// Writes `version` and moves the head of `layer` to it, provided the
-    /// head is still `expected`. `extra` may add writes to the same batch.
+    /// head is still `expected`. `extra` may add changes to the same batch.
     /// Durable when it returns.
     ///
     /// # Errors
@@ -296,68 +322,23 @@ impl Store {
         expected: Option<VersionId>,
         version: &Version,
         action: &str,
-        extra: &mut dyn FnMut(&Store, &mut WriteBatch) -> Result<()>,
+        extra: &mut dyn FnMut(&mut Batch<'_>) -> Result<()>,
     ) -> Result<VersionId> {
-        self.require_write()?;
         let (id, bytes) = version.encode();
-        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch = self.batch()?;
         // The layer may have been removed since the caller looked it up.
         if self.layer(&layer.name)?.id != layer.id {
             return Err(Error::LayerNotFound {
                 name: layer.name.clone(),
             });
         }
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf(&self.db, CF_VERSIONS)?, id.as_bytes(), &bytes);
-        self.move_ref(
-            &mut batch,
-            &layer_ref(&layer.name),
-            expected,
-            Some(id),
-            action,
-        )?;
-        extra(self, &mut batch)?;
-        self.write_synced(batch, "commit version")?;
+        batch
+            .inner
+            .put_cf(cf(&self.db, CF_VERSIONS)?, id.as_bytes(), &bytes);
+        batch.move_ref(&layer_ref(&layer.name), expected, Some(id), action)?;
+        extra(&mut batch)?;
+        self.commit(batch)?;
         Ok(id)
-    }
-
-    /// Adds a compare-and-swap ref move and its reflog entry to `batch`.
-    /// The caller holds the commit lock.
-    fn move_ref(
-        &self,
-        batch: &mut WriteBatch,
-        name: &str,
-        expected: Option<VersionId>,
-        new: Option<VersionId>,
-        action: &str,
-    ) -> Result<()> {
-        let current = self.ref_target(name)?;
-        if current != expected {
-            let show = |v: Option<VersionId>| v.map_or_else(|| "nothing".into(), |v| v.short());
-            return Err(Error::RefConflict {
-                name: name.to_owned(),
-                expected: show(expected),
-                found: show(current),
-            });
-        }
-        let refs = cf(&self.db, CF_REFS)?;
-        match new {
-            Some(v) => batch.put_cf(refs, name.as_bytes(), v.as_bytes()),
-            None => batch.delete_cf(refs, name.as_bytes()),
-        }
-        let entry = ReflogEntry {
-            old: current,
-            new,
-            time_ns: now_ns(),
-            action: action.to_owned(),
-        };
-        let seq = self.next_reflog_seq(name)?;
-        batch.put_cf(
-            cf(&self.db, CF_REFLOG)?,
-            reflog_key(name, seq),
-            encode(&entry),
-        );
-        Ok(())
     }
 
     fn next_reflog_seq(&self, name: &str) -> Result<u64> {
@@ -382,6 +363,38 @@ impl Store {
             }
         }
         Ok(0)
+    }
+
+    /// A named record of `kind` (e.g. a disk definition), if present.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn record(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_RECORDS)?, record_key(kind, name))
+            .map_err(self.db_err("read record"))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Every record of `kind`, by name.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = record_key(kind, "");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            cf(&self.db, CF_RECORDS)?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(self.db_err("list records"))?;
+            let Some(name) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            out.push((String::from_utf8_lossy(name).into_owned(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// The reflog of ref `name`, oldest first.
@@ -428,21 +441,112 @@ impl Store {
     /// # Errors
     /// [`Error::LayerNotFound`], catalog failures.
     pub fn remove_layer(&self, name: &str) -> Result<()> {
-        self.require_write()?;
         let layer = self.layer(name)?;
-        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(cf(&self.db, CF_LAYERS)?, name.as_bytes());
+        let mut batch = self.batch()?;
+        batch
+            .inner
+            .delete_cf(cf(&self.db, CF_LAYERS)?, name.as_bytes());
         let r = layer_ref(name);
         let head = self.ref_target(&r)?;
         if head.is_some() {
-            self.move_ref(&mut batch, &r, head, None, "layer rm")?;
+            batch.move_ref(&r, head, None, "layer rm")?;
         }
         let fc = cf(&self.db, CF_FILECACHE)?;
         let start = layer.id.0.to_vec();
         if let Some(end) = prefix_end(&start) {
-            batch.delete_range_cf(fc, start, end);
+            batch.inner.delete_range_cf(fc, start, end);
         }
-        self.write_synced(batch, "remove layer")
+        self.commit(batch)
+    }
+}
+
+/// Key of a record: kind, NUL, name.
+fn record_key(kind: &str, name: &str) -> Vec<u8> {
+    let mut k = kind.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Catalog changes applied together by [`Store::commit`]: records, ref
+/// moves (compare-and-swap, journalled) and, for the crate, raw writes.
+pub struct Batch<'s> {
+    store: &'s Store,
+    pub(crate) inner: WriteBatch,
+    /// Targets planned by this batch, so a second move of the same ref in
+    /// it compares against the first.
+    refs: HashMap<String, Option<VersionId>>,
+    seqs: HashMap<String, u64>,
+    _guard: std::sync::MutexGuard<'s, ()>,
+}
+
+impl Batch<'_> {
+    /// Stores a record of `kind` under `name`.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn put_record(&mut self, kind: &str, name: &str, value: &[u8]) -> Result<()> {
+        let c = cf(&self.store.db, CF_RECORDS)?;
+        self.inner.put_cf(c, record_key(kind, name), value);
+        Ok(())
+    }
+
+    /// Deletes a record.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn delete_record(&mut self, kind: &str, name: &str) -> Result<()> {
+        let c = cf(&self.store.db, CF_RECORDS)?;
+        self.inner.delete_cf(c, record_key(kind, name));
+        Ok(())
+    }
+
+    /// Moves ref `name` from `expected` to `new` (`None`: absent / delete),
+    /// journalling the move.
+    ///
+    /// # Errors
+    /// [`Error::RefConflict`] if the ref is not at `expected`.
+    pub fn move_ref(
+        &mut self,
+        name: &str,
+        expected: Option<VersionId>,
+        new: Option<VersionId>,
+        action: &str,
+    ) -> Result<()> {
+        let current = match self.refs.get(name) {
+            Some(planned) => *planned,
+            None => self.store.ref_target(name)?,
+        };
+        if current != expected {
+            let show = |v: Option<VersionId>| v.map_or_else(|| "nothing".into(), |v| v.short());
+            return Err(Error::RefConflict {
+                name: name.to_owned(),
+                expected: show(expected),
+                found: show(current),
+            });
+        }
+        let refs = cf(&self.store.db, CF_REFS)?;
+        match new {
+            Some(v) => self.inner.put_cf(refs, name.as_bytes(), v.as_bytes()),
+            None => self.inner.delete_cf(refs, name.as_bytes()),
+        }
+        let entry = ReflogEntry {
+            old: current,
+            new,
+            time_ns: now_ns(),
+            action: action.to_owned(),
+        };
+        let seq = match self.seqs.get(name) {
+            Some(s) => *s,
+            None => self.store.next_reflog_seq(name)?,
+        };
+        self.seqs.insert(name.to_owned(), seq + 1);
+        self.refs.insert(name.to_owned(), new);
+        self.inner.put_cf(
+            cf(&self.store.db, CF_REFLOG)?,
+            reflog_key(name, seq),
+            encode(&entry),
+        );
+        Ok(())
     }
 }

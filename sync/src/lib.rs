@@ -63,7 +63,7 @@ mod store;
 mod version;
 
 pub use backend::{BackendProblem, BackendStats, ChunkBackend, ReclaimStats};
-pub use catalog::{now_ns, ReflogEntry};
+pub use catalog::{now_ns, Batch, ReflogEntry};
 pub use changes::Diff;
 pub use error::{Error, ErrorKind, Result};
 pub use export::{ExportOptions, ExportReport};

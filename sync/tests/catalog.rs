@@ -36,22 +36,18 @@ fn refs_move_only_from_the_expected_version() {
         .create_layer("l", LayerKind::Os, LayerFormat::Tree)
         .unwrap();
     let v1 = s
-        .commit_version(&l, None, &version(&l, None, 1), "test", &mut |_, _| Ok(()))
+        .commit_version(&l, None, &version(&l, None, 1), "test", &mut |_| Ok(()))
         .unwrap();
     // A second writer that still believes the layer is empty loses.
     let err = s
-        .commit_version(&l, None, &version(&l, None, 2), "test", &mut |_, _| Ok(()))
+        .commit_version(&l, None, &version(&l, None, 2), "test", &mut |_| Ok(()))
         .unwrap_err();
     assert!(matches!(err, Error::RefConflict { .. }), "{err}");
     assert_eq!(s.head(&l).unwrap(), Some(v1));
     let v2 = s
-        .commit_version(
-            &l,
-            Some(v1),
-            &version(&l, Some(v1), 2),
-            "test",
-            &mut |_, _| Ok(()),
-        )
+        .commit_version(&l, Some(v1), &version(&l, Some(v1), 2), "test", &mut |_| {
+            Ok(())
+        })
         .unwrap();
     assert_eq!(s.head(&l).unwrap(), Some(v2));
     let log = s.reflog("layer/l").unwrap();
@@ -78,7 +74,7 @@ fn version_prefixes_resolve_or_report_ambiguity() {
     let mut by_prefix: HashMap<String, Vec<VersionId>> = HashMap::new();
     for n in 0..1500 {
         let v = s
-            .commit_version(&l, head, &version(&l, head, n), "test", &mut |_, _| Ok(()))
+            .commit_version(&l, head, &version(&l, head, n), "test", &mut |_| Ok(()))
             .unwrap();
         by_prefix
             .entry(v.to_hex()[..4].to_owned())

@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 
-use rocksdb::{Direction, IteratorMode, WriteBatch};
+use rocksdb::{Direction, IteratorMode};
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::Batch;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, ManifestId};
 use crate::layer::Layer;
@@ -100,20 +101,15 @@ pub(crate) fn load(store: &Store, layer: &Layer) -> Result<Cache> {
     Ok(out)
 }
 
-/// Replaces the cache of `layer`: into `batch` when given, else in its own
-/// synced write.
+/// Replaces the cache of `layer` in `batch`.
 pub(crate) fn store(
     store: &Store,
     layer: &Layer,
     cache: Cache,
-    batch: Option<&mut WriteBatch>,
+    batch: &mut Batch<'_>,
 ) -> Result<()> {
     let fc = cf(&store.db, CF_FILECACHE)?;
-    let mut own = WriteBatch::default();
-    let b = match batch {
-        Some(b) => b,
-        None => &mut own,
-    };
+    let b = &mut batch.inner;
     let prefix = layer.id.0.to_vec();
     if let Some(end) = prefix_end(&prefix) {
         b.delete_range_cf(fc, &prefix, &end);
@@ -125,9 +121,6 @@ pub(crate) fn store(
         #[allow(clippy::expect_used)]
         let value = postcard::to_allocvec(&entry).expect("postcard serialises into a Vec");
         b.put_cf(fc, key, value);
-    }
-    if !own.is_empty() {
-        store.write_synced(own, "write import cache")?;
     }
     Ok(())
 }

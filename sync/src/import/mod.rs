@@ -176,7 +176,9 @@ impl Store {
         };
         let version = if let (true, Some(h)) = (unchanged, head) {
             if new_cache != old_cache {
-                cache::store(self, &layer, new_cache, None)?;
+                let mut batch = self.batch()?;
+                cache::store(self, &layer, new_cache, &mut batch)?;
+                self.commit(batch)?;
             }
             h
         } else {
@@ -192,13 +194,8 @@ impl Store {
                 root: root_id,
             };
             let mut new_cache = Some(new_cache);
-            self.commit_version(&layer, head, &v, "import", &mut |store, batch| {
-                cache::store(
-                    store,
-                    &layer,
-                    new_cache.take().unwrap_or_default(),
-                    Some(batch),
-                )
+            self.commit_version(&layer, head, &v, "import", &mut |batch| {
+                cache::store(self, &layer, new_cache.take().unwrap_or_default(), batch)
             })?
         };
         Ok(ImportReport {

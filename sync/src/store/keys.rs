@@ -9,6 +9,7 @@
 //! | `chunks`      | chunk id (32 bytes)              | index entry (fixed 25 B)   |
 //! | `packs`       | pack id (u64 BE)                 | committed length (u64 BE)  |
 //! | `filecache`   | layer id (16 bytes), path bytes  | import cache entry         |
+//! | `records`     | kind, 0x00, name                 | other crates' records      |
 //! | `meta`        | name (UTF-8)                     | value                      |
 
 /// Layers by name.
@@ -25,6 +26,8 @@ pub const CF_CHUNKS: &str = "chunks";
 pub const CF_PACKS: &str = "packs";
 /// Import cache: unchanged source files are not read again.
 pub const CF_FILECACHE: &str = "filecache";
+/// Named records other crates keep in the catalog (e.g. disks).
+pub const CF_RECORDS: &str = "records";
 /// Miscellaneous store-wide values.
 pub const CF_META: &str = "meta";
 
@@ -37,6 +40,7 @@ pub const ALL_CFS: &[&str] = &[
     CF_CHUNKS,
     CF_PACKS,
     CF_FILECACHE,
+    CF_RECORDS,
     CF_META,
 ];
 

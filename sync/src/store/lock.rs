@@ -11,8 +11,14 @@
 //! | access | `lock`    | `gc.lock` |
 //! |--------|-----------|-----------|
 //! | read   | —         | shared    |
+//! | serve  | —         | —         |
 //! | write  | exclusive | shared    |
 //! | gc     | exclusive | exclusive |
+//!
+//! `serve` is for long-running readers (the NBD server) that must not keep gc
+//! out forever. They only read versions that refs keep alive (a disk's base
+//! is pinned by a ref), and when gc has moved a chunk they catch up with the
+//! catalog and read it again (see `Store::refresh`).
 //!
 //! A third lock, `catalog.lock`, covers only the moments when a writer
 //! rewrites the catalog's file set (RocksDB recovery at open, memtable flush
@@ -35,6 +41,8 @@ use crate::error::{Error, IoContext, Result};
 pub enum Access {
     /// Read only (listings, export, fsck). Runs beside a writer.
     Read,
+    /// Read only, long-running, beside writers and gc (servers).
+    Serve,
     /// Add data (import, create). One writer at a time.
     Write,
     /// Delete data. Excludes writers and readers.
@@ -86,7 +94,7 @@ impl Drop for CatalogGuard {
 #[derive(Debug)]
 pub(crate) struct StoreLocks {
     _writer: Option<File>,
-    _gc: File,
+    _gc: Option<File>,
 }
 
 fn open_lock_file(path: &Path) -> Result<File> {
@@ -158,6 +166,13 @@ fn acquire(
     }
 }
 
+impl Access {
+    /// Whether this access may change the store.
+    pub fn writable(self) -> bool {
+        matches!(self, Access::Write | Access::Gc)
+    }
+}
+
 impl StoreLocks {
     /// Takes the locks `access` needs, recording `command` as the holder.
     pub(crate) fn acquire(
@@ -167,6 +182,12 @@ impl StoreLocks {
         notice: WaitNotice<'_>,
         command: &str,
     ) -> Result<StoreLocks> {
+        if access == Access::Serve {
+            return Ok(StoreLocks {
+                _writer: None,
+                _gc: None,
+            });
+        }
         let writer = if access == Access::Read {
             None
         } else {
@@ -200,7 +221,7 @@ impl StoreLocks {
         )?;
         Ok(StoreLocks {
             _writer: writer,
-            _gc: gc,
+            _gc: Some(gc),
         })
     }
 }

@@ -90,7 +90,7 @@ const FLUSH_ON_CLOSE_BYTES: u64 = 256 * 1024;
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if self.access == Access::Read {
+        if !self.access.writable() {
             return;
         }
         // Index what is still buffered first, so it lands before the flush.
@@ -305,8 +305,8 @@ impl Store {
             let op = op.to_owned();
             move |source| Error::Db { path, op, source }
         };
-        let guard = lock::CatalogGuard::acquire(root, opts.access != Access::Read)?;
-        let (db, secondary) = if opts.access == Access::Read {
+        let guard = lock::CatalogGuard::acquire(root, opts.access.writable())?;
+        let (db, secondary) = if !opts.access.writable() {
             let dir = lock::secondary_dir(root);
             let mut o = db_options();
             // A secondary must keep every table file open: the primary may
@@ -330,7 +330,7 @@ impl Store {
             db.clone(),
             catalog,
             root.join(PACKS_DIR),
-            opts.access != Access::Read,
+            opts.access.writable(),
         )?;
         drop(guard);
         Ok(Store {
@@ -344,6 +344,25 @@ impl Store {
             _locks: locks,
             _secondary: SecondaryDir(secondary),
         })
+    }
+
+    /// Brings a reader's view of the catalog up to date with what writers
+    /// (and gc) committed since it opened. A no-op for writers.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn refresh(&self) -> Result<()> {
+        if self.access.writable() {
+            return Ok(());
+        }
+        let _guard = lock::CatalogGuard::acquire(&self.root, false)?;
+        self.db
+            .try_catch_up_with_primary()
+            .map_err(|source| Error::Db {
+                path: self.root.join(CATALOG_DIR),
+                op: "catch up with the catalog".into(),
+                source,
+            })
     }
 
     /// The store directory.
@@ -367,7 +386,7 @@ impl Store {
     }
 
     pub(crate) fn require_write(&self) -> Result<()> {
-        if self.access == Access::Read {
+        if !self.access.writable() {
             return Err(Error::InvalidInput(format!(
                 "store {} is opened read-only",
                 self.root.display()
