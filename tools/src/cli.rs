@@ -37,6 +37,11 @@ pub enum Command {
     /// Create, import, list and export layers
     #[command(subcommand)]
     Layer(LayerCommand),
+    /// Writable VM disks: a disk layer version under a qcow2 overlay
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Serve disks and disk layer versions (or one image file) over NBD
+    Serve(ServeArgs),
     /// Verify every version, manifest, chunk and pack; name each bad object
     Fsck,
     /// Remove chunks no kept version needs
@@ -74,6 +79,84 @@ pub enum LayerCommand {
         /// Layer name
         name: String,
     },
+}
+
+/// `lamina disk ...`
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Create a disk over a disk layer version (or a blank one with --size)
+    Create {
+        /// Disk name (also its NBD export name)
+        name: String,
+        /// LAYER or LAYER@VERSION to start from
+        #[arg(long)]
+        base: Option<String>,
+        /// Size in bytes (suffixes K, M, G, T); default: the base's size
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// List disks
+    Ls,
+    /// Show a disk
+    Show {
+        /// Disk name
+        name: String,
+    },
+    /// Remove a disk and its uncommitted changes
+    Rm {
+        /// Disk name
+        name: String,
+    },
+    /// Changed clusters since the last commit
+    Status {
+        /// Disk name
+        name: String,
+    },
+    /// Turn the disk's changes into a new version of its base's layer
+    Commit {
+        /// Disk name
+        name: String,
+        /// Version message
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Layer receiving the version (default: the base's)
+        #[arg(long)]
+        to: Option<String>,
+        /// Version author [default: $LAMINA_AUTHOR, else user@host]
+        #[arg(long, env = "LAMINA_AUTHOR")]
+        author: Option<String>,
+    },
+    /// Drop the disk's changes since its last commit
+    Reset {
+        /// Disk name
+        name: String,
+    },
+}
+
+/// `lamina serve`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TCP address to listen on [default: 127.0.0.1:10809 unless --socket]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Unix socket to listen on
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// TLS certificate chain (PEM); TLS is then required
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse writes to every export
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serve this image file (qcow2 or raw) instead of the store
+    #[arg(long, value_name = "IMAGE")]
+    pub file: Option<PathBuf>,
+    /// Export name of --file [default: "" (the default export)]
+    #[arg(long, requires = "file", default_value = "")]
+    pub export: String,
 }
 
 /// `lamina layer create`

@@ -52,9 +52,16 @@ fn main() -> ExitCode {
 /// Maps an error to the process exit code: 2 for usage and configuration
 /// errors, 1 for everything else.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<lamina_sync::Error>() {
-        Some(lamina_sync::Error::NotAStore { .. }) => 2,
-        Some(err) if err.kind() == ErrorKind::InvalidInput => 2,
+    let sync = e.downcast_ref::<lamina_sync::Error>().or_else(|| {
+        match e.downcast_ref::<lamina_nbd::Error>() {
+            Some(lamina_nbd::Error::Store(s)) => Some(s),
+            _ => None,
+        }
+    });
+    match (sync, e.downcast_ref::<lamina_nbd::Error>()) {
+        (Some(lamina_sync::Error::NotAStore { .. }), _) => 2,
+        (Some(err), _) if err.kind() == ErrorKind::InvalidInput => 2,
+        (None, Some(lamina_nbd::Error::InvalidInput(_))) => 2,
         _ if e.downcast_ref::<output::UsageError>().is_some() => 2,
         _ => 1,
     }
@@ -64,6 +71,8 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Init => cmd::store::init(cli, out),
         Command::Layer(c) => cmd::layer::run(cli, out, c),
+        Command::Disk(c) => cmd::disk::run(cli, out, c),
+        Command::Serve(a) => cmd::serve::run(cli, out, a),
         Command::Fsck => cmd::store::fsck(cli, out),
         Command::Gc(args) => cmd::store::gc(cli, out, args),
         Command::Bench(c) => bench::run(cli, out, c),

@@ -81,18 +81,58 @@ impl Out {
     pub fn error(&self, e: &anyhow::Error) {
         eprintln!("error: {e:#}");
         if self.json {
-            let kind = e
-                .downcast_ref::<lamina_sync::Error>()
-                .map(|e| e.kind().as_str())
-                .unwrap_or(if e.downcast_ref::<UsageError>().is_some() {
-                    "invalid-input"
-                } else {
-                    "error"
-                });
+            let kind = error_kind(e);
             let doc = serde_json::json!({"error": {"kind": kind, "message": format!("{e:#}")}});
             println!("{doc}");
         }
     }
+}
+
+/// Stable kind of an error, for the JSON error document.
+fn error_kind(e: &anyhow::Error) -> &'static str {
+    if let Some(s) = e.downcast_ref::<lamina_sync::Error>() {
+        return s.kind().as_str();
+    }
+    if let Some(n) = e.downcast_ref::<lamina_nbd::Error>() {
+        return match n {
+            lamina_nbd::Error::Store(s) => s.kind().as_str(),
+            lamina_nbd::Error::DiskNotFound(_) => "not-found",
+            lamina_nbd::Error::DiskExists(_) => "already-exists",
+            lamina_nbd::Error::DiskBusy { .. } => "locked",
+            lamina_nbd::Error::InvalidInput(_) | lamina_nbd::Error::OutOfRange { .. } => {
+                "invalid-input"
+            }
+            lamina_nbd::Error::Unsupported { .. } => "unsupported",
+            lamina_nbd::Error::Corrupt { .. } => "corrupt",
+            _ => "io",
+        };
+    }
+    if e.downcast_ref::<UsageError>().is_some() {
+        "invalid-input"
+    } else {
+        "error"
+    }
+}
+
+/// Parses a size: bytes, or a number with K, M, G or T (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, UsageError> {
+    let bad = || {
+        UsageError(format!(
+            "bad size `{s}`: expected bytes or a number with K, M, G or T"
+        ))
+    };
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        Some('T') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(bad)
 }
 
 /// Bytes in a human unit.

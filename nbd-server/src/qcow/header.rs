@@ -150,7 +150,7 @@ impl Header {
             h.autoclear_features = be64(b, 88);
             h.refcount_order = be32(b, 96);
             h.header_length = be32(b, 100);
-            if h.header_length < 104 || h.header_length % 8 != 0 {
+            if h.header_length < 104 || !h.header_length.is_multiple_of(8) {
                 return Err(format!("header length {} is invalid", h.header_length));
             }
             if h.header_length > 104 && b.len() > 104 {
@@ -208,7 +208,9 @@ impl Header {
             return corrupt(format!("refcount order {}", self.refcount_order));
         }
         let cs = self.cluster_size();
-        if self.l1_table_offset % cs != 0 || self.refcount_table_offset % cs != 0 {
+        if !self.l1_table_offset.is_multiple_of(cs)
+            || !self.refcount_table_offset.is_multiple_of(cs)
+        {
             return corrupt("a table is not cluster aligned".into());
         }
         if u64::from(self.l1_size) > MAX_L1_ENTRIES {

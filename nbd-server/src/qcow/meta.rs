@@ -105,7 +105,7 @@ impl Meta {
     }
 
     fn check_host(&self, offset: u64, what: &str) -> Result<()> {
-        if offset % self.cs != 0 {
+        if !offset.is_multiple_of(self.cs) {
             return Err(self.corrupt(format!("{what} offset {offset:#x} is not cluster aligned")));
         }
         if offset + self.cs > self.file_len {

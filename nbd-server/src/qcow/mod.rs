@@ -653,8 +653,8 @@ impl Qcow2 {
     /// written), for NBD `FAST_ZERO`.
     pub fn zeroes_fast(&self, offset: u64, len: u64) -> bool {
         self.version >= 3
-            && offset % self.cs == 0
-            && ((offset + len) % self.cs == 0 || offset + len == self.size)
+            && offset.is_multiple_of(self.cs)
+            && ((offset + len).is_multiple_of(self.cs) || offset + len == self.size)
     }
 
     /// Discards whole clusters in `[offset, offset + len)` (they read as

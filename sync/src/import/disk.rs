@@ -18,23 +18,80 @@ use crate::manifest::{DiskBuilder, DiskRoot, Node, Root};
 /// Clusters read per `pread`.
 const READ_CLUSTERS: u64 = 64;
 
-/// Imports the image at `job.path`; returns the root node and the new cache.
-pub(super) fn import_disk(job: &Job<'_>, stats: &mut ImportStats) -> Result<(Node, Cache)> {
-    let (store, path, progress) = (job.store, job.path, job.progress);
-    let file = File::open(path).ctx(path, "open")?;
-    let meta = file.metadata().ctx(path, "stat")?;
-    if !meta.is_file() {
-        return Err(Error::Unsupported {
+/// A virtual disk to import: its size, where it may hold data, and its
+/// bytes. Raw files implement it here; other formats (qcow2) elsewhere.
+pub trait DiskSource: Sync {
+    /// Virtual size.
+    fn size(&self) -> u64;
+    /// The next region at or after `pos` that may hold data, as
+    /// `(start, end)`; `None` when only holes remain.
+    ///
+    /// # Errors
+    /// Read failures.
+    fn next_data(&self, pos: u64) -> std::io::Result<Option<(u64, u64)>>;
+    /// Fills `buf` from `offset`.
+    ///
+    /// # Errors
+    /// Read failures.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// A raw image file.
+pub(crate) struct RawImage {
+    file: File,
+    path: std::path::PathBuf,
+    size: u64,
+}
+
+impl RawImage {
+    pub(crate) fn open(path: &std::path::Path) -> Result<RawImage> {
+        let file = File::open(path).ctx(path, "open")?;
+        let meta = file.metadata().ctx(path, "stat")?;
+        if !meta.is_file() {
+            return Err(Error::Unsupported {
+                path: path.to_owned(),
+                reason: "a disk layer imports a regular image file".into(),
+            });
+        }
+        Ok(RawImage {
+            file,
             path: path.to_owned(),
-            reason: "a disk layer imports a regular image file".into(),
-        });
+            size: meta.len(),
+        })
     }
-    let size = meta.len();
-    let stamp = Stamp::of(&meta);
+}
+
+impl DiskSource for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn next_data(&self, pos: u64) -> std::io::Result<Option<(u64, u64)>> {
+        next_data(&self.file, &self.path, pos, self.size).map_err(std::io::Error::other)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+/// Imports the disk `source` (labelled `job.path`); `stamp` identifies an
+/// unchanged raw file for the import cache. Returns the root node and the
+/// new cache.
+pub(super) fn import_disk(
+    job: &Job<'_>,
+    source: &dyn DiskSource,
+    stamp: Option<Stamp>,
+    stats: &mut ImportStats,
+) -> Result<(Node, Cache)> {
+    let (store, path, progress) = (job.store, job.path, job.progress);
+    let size = source.size();
     stats.files = 1;
     stats.bytes = size;
     let mut new_cache = Cache::new();
-    if let Some(CacheEntry::Disk { stamp: s, root }) = job.old_cache.get(DISK_KEY) {
+    if let (Some(stamp), Some(CacheEntry::Disk { stamp: s, root })) =
+        (stamp, job.old_cache.get(DISK_KEY))
+    {
         if *s == stamp {
             if let Ok(node @ Node::Root(Root::Disk(_))) =
                 crate::manifest::NodeSource::load(store, *root)
@@ -60,7 +117,7 @@ pub(super) fn import_disk(job: &Job<'_>, stats: &mut ImportStats) -> Result<(Nod
             let mut buf = vec![0u8; (READ_CLUSTERS * cs) as usize];
             let mut next_cluster = 0u64;
             let mut pos = 0u64;
-            while let Some((start, end)) = next_data(&file, path, pos, size)? {
+            while let Some((start, end)) = source.next_data(pos).ctx(path, "read")? {
                 let first = (start / cs).max(next_cluster);
                 let last = end.div_ceil(cs);
                 sink.skip((first * cs).saturating_sub(next_cluster * cs));
@@ -69,7 +126,7 @@ pub(super) fn import_disk(job: &Job<'_>, stats: &mut ImportStats) -> Result<(Nod
                     let n = (last - c).min(READ_CLUSTERS);
                     let off = c * cs;
                     let len = (n * cs).min(size - off) as usize;
-                    file.read_exact_at(&mut buf[..len], off).ctx(path, "read")?;
+                    source.read_at(off, &mut buf[..len]).ctx(path, "read")?;
                     sink.read(len as u64);
                     for (i, data) in buf[..len].chunks(cs as usize).enumerate() {
                         if is_zero(data) {
@@ -93,13 +150,15 @@ pub(super) fn import_disk(job: &Job<'_>, stats: &mut ImportStats) -> Result<(Nod
         levels,
         top,
     }));
-    let (root_id, _) = root.encode();
-    new_cache.insert(
-        DISK_KEY.to_vec(),
-        CacheEntry::Disk {
-            stamp,
-            root: root_id,
-        },
-    );
+    if let Some(stamp) = stamp {
+        let (root_id, _) = root.encode();
+        new_cache.insert(
+            DISK_KEY.to_vec(),
+            CacheEntry::Disk {
+                stamp,
+                root: root_id,
+            },
+        );
+    }
     Ok((root, new_cache))
 }

@@ -29,6 +29,7 @@ use crate::store::Store;
 use crate::version::Version;
 
 pub(crate) use cache::{cache_entry_chunks, CacheEntry};
+pub use disk::DiskSource;
 
 /// How to import.
 pub struct ImportOptions<'a> {
@@ -95,6 +96,10 @@ pub struct ImportReport {
     pub stats: ImportStats,
 }
 
+/// Builds a version's root node (and the new import cache) for a job.
+type BuildFn<'a> =
+    dyn FnMut(&Job<'_>, &mut ImportStats) -> Result<(crate::manifest::Node, cache::Cache)> + 'a;
+
 /// What both kinds of import work with.
 struct Job<'a> {
     store: &'a Store,
@@ -137,11 +142,60 @@ impl Store {
             }
             _ => {}
         }
+        match layer.format {
+            LayerFormat::Tree => self.import_with(&layer, path, opts, &mut |job, stats| {
+                tree::import_tree(job, stats)
+            }),
+            LayerFormat::Disk => {
+                let image = disk::RawImage::open(path)?;
+                let stamp = Some(cache::Stamp::of(&meta));
+                self.import_with(&layer, path, opts, &mut |job, stats| {
+                    disk::import_disk(job, &image, stamp, stats)
+                })
+            }
+        }
+    }
+
+    /// Imports a virtual disk read through `source` (a qcow2 chain, say) as
+    /// a new version of disk layer `name`. `label` names the source in
+    /// messages.
+    ///
+    /// # Errors
+    /// Unknown layer, a tree layer, read failures, store failures.
+    pub fn import_disk_source(
+        &self,
+        name: &str,
+        source: &dyn DiskSource,
+        label: &Path,
+        opts: &ImportOptions<'_>,
+    ) -> Result<ImportReport> {
+        self.require_write()?;
+        let layer = self.layer(name)?;
+        if layer.format != LayerFormat::Disk {
+            return Err(Error::LayerFormat {
+                name: name.to_owned(),
+                format: layer.format.as_str(),
+                reason: format!("{}: a tree layer imports a directory", label.display()),
+            });
+        }
+        self.import_with(&layer, label, opts, &mut |job, stats| {
+            disk::import_disk(job, source, None, stats)
+        })
+    }
+
+    fn import_with(
+        &self,
+        layer: &crate::Layer,
+        path: &Path,
+        opts: &ImportOptions<'_>,
+        build: &mut BuildFn<'_>,
+    ) -> Result<ImportReport> {
+        let name = layer.name.as_str();
         // Keep gc of this process from sweeping chunks written below before
         // the version referencing them is committed.
         let _guard = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
-        let head = self.head(&layer)?;
-        let old_cache = cache::load(self, &layer)?;
+        let head = self.head(layer)?;
+        let old_cache = cache::load(self, layer)?;
         let threads = if opts.threads == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
@@ -157,10 +211,7 @@ impl Store {
             counters: &counters,
             progress: opts.progress,
         };
-        let (root, new_cache) = match layer.format {
-            LayerFormat::Tree => tree::import_tree(&job, &mut stats)?,
-            LayerFormat::Disk => disk::import_disk(&job, &mut stats)?,
-        };
+        let (root, new_cache) = build(&job, &mut stats)?;
         stats.chunks = counters.chunks.load(Ordering::Relaxed);
         stats.bytes_read = counters.bytes_read.load(Ordering::Relaxed);
         stats.chunks_new = counters.chunks_new.load(Ordering::Relaxed);
@@ -177,7 +228,7 @@ impl Store {
         let version = if let (true, Some(h)) = (unchanged, head) {
             if new_cache != old_cache {
                 let mut batch = self.batch()?;
-                cache::store(self, &layer, new_cache, &mut batch)?;
+                cache::store(self, layer, new_cache, &mut batch)?;
                 self.commit(batch)?;
             }
             h
@@ -194,8 +245,8 @@ impl Store {
                 root: root_id,
             };
             let mut new_cache = Some(new_cache);
-            self.commit_version(&layer, head, &v, "import", &mut |batch| {
-                cache::store(self, &layer, new_cache.take().unwrap_or_default(), batch)
+            self.commit_version(layer, head, &v, "import", &mut |batch| {
+                cache::store(self, layer, new_cache.take().unwrap_or_default(), batch)
             })?
         };
         Ok(ImportReport {

@@ -11,8 +11,8 @@ use lamina_sync::{
 use serde_json::json;
 
 use crate::cli::{Cli, CreateArgs, ExportArgs, ImportArgs, LayerCommand};
-use crate::cmd::open;
-use crate::output::{bytes, time, Out};
+use crate::cmd::{default_author, open};
+use crate::output::{bytes, bytes as bytes_h, time, Out};
 use crate::progress::Bar;
 
 pub fn run(cli: &Cli, out: &Out, c: &LayerCommand) -> anyhow::Result<ExitCode> {
@@ -36,25 +36,6 @@ fn resolve(store: &Store, s: &str) -> anyhow::Result<(Layer, VersionId)> {
     Ok((layer, id))
 }
 
-/// `user@host` for version authors when none is given.
-fn default_author() -> String {
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .or_else(|| {
-            nix::unistd::User::from_uid(nix::unistd::getuid())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let host = nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{user}@{host}")
-}
-
 fn create(cli: &Cli, out: &Out, a: &CreateArgs) -> anyhow::Result<()> {
     let kind: LayerKind = a.kind.parse()?;
     let format: LayerFormat = a.format.parse()?;
@@ -76,7 +57,16 @@ fn import(cli: &Cli, out: &Out, a: &ImportArgs) -> anyhow::Result<()> {
             progress: &bar,
             threads: 0,
         };
-        store.import(&a.name, &a.path, &opts)?
+        let layer = store.layer(&a.name)?;
+        let qcow = layer.format == LayerFormat::Disk
+            && a.path.is_file()
+            && lamina_nbd::qcow::is_qcow2(&a.path)?;
+        if qcow {
+            let source = lamina_nbd::convert::ImageSource::open(&a.path)?;
+            store.import_disk_source(&a.name, &source, &a.path, &opts)?
+        } else {
+            store.import(&a.name, &a.path, &opts)?
+        }
     };
     let secs = started.elapsed().as_secs_f64();
     let s = &report.stats;
@@ -221,6 +211,19 @@ fn diff(cli: &Cli, out: &Out, from: &str, to: &str) -> anyhow::Result<()> {
 fn export(cli: &Cli, out: &Out, a: &ExportArgs) -> anyhow::Result<()> {
     let store = open(cli, out, Access::Read)?;
     let (layer, version) = resolve(&store, &a.layer)?;
+    if layer.format == LayerFormat::Disk && a.dest.extension().is_some_and(|e| e == "qcow2") {
+        let bytes = lamina_nbd::convert::export_qcow2(&store, version, &a.dest, a.force)?;
+        let doc = json!({"layer": layer.name, "version": version, "dest": a.dest, "format": "qcow2", "bytes": bytes});
+        return out.result(&doc, || {
+            format!(
+                "exported {}@{} to {} (qcow2, {})",
+                layer.name,
+                version.short(),
+                a.dest.display(),
+                bytes_h(bytes)
+            )
+        });
+    }
     let report = {
         let bar = Bar::new(out.progress_allowed());
         let opts = ExportOptions {

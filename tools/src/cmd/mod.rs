@@ -1,6 +1,8 @@
 //! Command implementations, one module per noun.
 
+pub mod disk;
 pub mod layer;
+pub mod serve;
 pub mod store;
 
 use std::path::PathBuf;
@@ -26,6 +28,25 @@ pub fn store_path(cli: &Cli) -> anyhow::Result<PathBuf> {
             UsageError("no store given: pass --store or set LAMINA_STORE or HOME".into())
         })?;
     Ok(PathBuf::from(home).join(".local/share/lamina"))
+}
+
+/// `user@host` for version authors when none is given.
+pub fn default_author() -> String {
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let host = nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
 }
 
 /// Opens the store for `access`, waiting for (and saying who holds) a lock

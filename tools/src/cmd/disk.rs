@@ -1,0 +1,176 @@
+//! `lamina disk ...`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use lamina_nbd::disk::{self, DiskRecord};
+use lamina_sync::{split_layer_spec, Access, Store};
+use serde_json::{json, Value};
+
+use crate::cli::{Cli, DiskCommand};
+use crate::cmd::{default_author, open};
+use crate::output::{bytes, parse_size, time, Out};
+
+pub fn run(cli: &Cli, out: &Out, c: &DiskCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        DiskCommand::Create { name, base, size } => {
+            create(cli, out, name, base.as_deref(), size.as_deref())
+        }
+        DiskCommand::Ls => ls(cli, out),
+        DiskCommand::Show { name } => show(cli, out, name),
+        DiskCommand::Rm { name } => {
+            let store = open(cli, out, Access::Write)?;
+            disk::remove(&store, name)?;
+            out.result(&json!({"removed": name}), || format!("removed disk {name}"))
+        }
+        DiskCommand::Status { name } => status(cli, out, name),
+        DiskCommand::Commit {
+            name,
+            message,
+            to,
+            author,
+        } => commit(
+            cli,
+            out,
+            name,
+            message.as_deref(),
+            to.as_deref(),
+            author.as_deref(),
+        ),
+        DiskCommand::Reset { name } => {
+            let store = open(cli, out, Access::Write)?;
+            disk::reset(&store, name)?;
+            out.result(&json!({"reset": name}), || {
+                format!("dropped the changes of disk {name}")
+            })
+        }
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(store: &Store, d: &DiskRecord) -> Value {
+    let status = disk::status(store, &d.name).ok();
+    json!({
+        "name": d.name,
+        "size": d.size,
+        "base": d.base.as_ref().map(|b| json!({"layer": b.layer, "version": b.version})),
+        "created": time(d.created_ns),
+        "changed_clusters": status.as_ref().map(|s| s.clusters),
+        "changed_bytes": status.as_ref().map(|s| s.cluster_bytes),
+        "overlay_bytes": disk::file_size(&d.overlay(store)),
+    })
+}
+
+fn create(
+    cli: &Cli,
+    out: &Out,
+    name: &str,
+    base: Option<&str>,
+    size: Option<&str>,
+) -> anyhow::Result<()> {
+    let size = size.map(parse_size).transpose()?;
+    let store = open(cli, out, Access::Write)?;
+    let base = match base {
+        Some(b) => {
+            let (layer, spec) = split_layer_spec(b);
+            let layer = store.layer(layer)?;
+            let version = store.resolve(&layer, spec.unwrap_or("head"))?;
+            Some((layer, version))
+        }
+        None => None,
+    };
+    let rec = disk::create(&store, name, base.as_ref().map(|(l, v)| (l, *v)), size)?;
+    let doc = describe(&store, &rec);
+    out.result(&doc, || {
+        format!(
+            "created disk {} ({}{})",
+            rec.name,
+            bytes(rec.size),
+            rec.base
+                .as_ref()
+                .map(|b| format!(" over {}@{}", b.layer, b.version.short()))
+                .unwrap_or_default()
+        )
+    })
+}
+
+fn ls(cli: &Cli, out: &Out) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Read)?;
+    let rows: Vec<Value> = disk::list(&store)?
+        .iter()
+        .map(|d| describe(&store, d))
+        .collect();
+    out.result(&json!({ "disks": rows }), || {
+        let mut s = format!(
+            "{:<24} {:>10}  {:<30} {:>9}\n",
+            "NAME", "SIZE", "BASE", "CHANGED"
+        );
+        for r in &rows {
+            let base = r["base"]["layer"].as_str().map_or_else(
+                || "-".to_owned(),
+                |l| format!("{l}@{}", &r["base"]["version"].as_str().unwrap_or("")[..12]),
+            );
+            s.push_str(&format!(
+                "{:<24} {:>10}  {:<30} {:>9}\n",
+                r["name"].as_str().unwrap_or(""),
+                bytes(r["size"].as_u64().unwrap_or(0)),
+                base,
+                bytes(r["changed_bytes"].as_u64().unwrap_or(0)),
+            ));
+        }
+        s
+    })
+}
+
+fn show(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Read)?;
+    let rec = disk::get(&store, name)?;
+    let doc = describe(&store, &rec);
+    out.result(&doc, || {
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
+    })
+}
+
+fn status(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Read)?;
+    let s = disk::status(&store, name)?;
+    let mut doc = serde_json::to_value(&s)?;
+    doc["disk"] = json!(name);
+    out.result(&doc, || {
+        let mut t = format!(
+            "{name}: {} changed clusters ({}), {} of sectors written\n",
+            s.clusters,
+            bytes(s.cluster_bytes),
+            bytes(s.sector_bytes)
+        );
+        for r in &s.ranges {
+            t.push_str(&format!("  clusters {}..{}\n", r.start, r.end));
+        }
+        t
+    })
+}
+
+fn commit(
+    cli: &Cli,
+    out: &Out,
+    name: &str,
+    message: Option<&str>,
+    to: Option<&str>,
+    author: Option<&str>,
+) -> anyhow::Result<()> {
+    let store = Arc::new(open(cli, out, Access::Write)?);
+    let message = message.map_or_else(|| format!("commit of disk {name}"), str::to_owned);
+    let author = author.map_or_else(default_author, str::to_owned);
+    let report = disk::commit(&store, name, to, &message, &author)?;
+    out.result(&report, || match report.version {
+        Some(v) => format!(
+            "{}: {} changed clusters ({} new chunks) committed as {}@{}",
+            report.disk,
+            report.clusters,
+            report.chunks_new,
+            report.layer,
+            v.short()
+        ),
+        None => format!("{}: nothing to commit", report.disk),
+    })
+}
