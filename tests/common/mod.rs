@@ -344,3 +344,115 @@ pub fn overwrite(path: &Path, offset: u64, data: &[u8]) {
     let f = fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(data, offset).unwrap();
 }
+
+/// A running `lamina serve`, stopped (SIGTERM, then waited for) on drop.
+pub struct Server {
+    pub child: Option<std::process::Child>,
+    pub socket: PathBuf,
+    pub tcp: Option<String>,
+}
+
+impl Server {
+    /// Starts `lamina --json serve` with `args`, listening on a Unix socket in
+    /// the env's directory and a free TCP port; returns once it is ready.
+    pub fn start(env: &Env, args: &[&str]) -> Server {
+        let socket = env.path(&format!("nbd-{}.sock", rand::random::<u32>()));
+        let mut child = env
+            .cmd()
+            .arg("--json")
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        assert!(
+            !line.is_empty(),
+            "server exited before it was ready: {:?}",
+            child.wait()
+        );
+        let ready: Value = serde_json::from_str(&line).unwrap();
+        let tcp = ready["listening"]["tcp"].as_str().map(str::to_owned);
+        Server {
+            child: Some(child),
+            socket,
+            tcp,
+        }
+    }
+
+    /// `nbd+unix:///EXPORT?socket=...`
+    pub fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// `nbd://HOST:PORT/EXPORT`
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.tcp.as_deref().unwrap())
+    }
+
+    /// Kills the server with SIGKILL (no clean shutdown).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Stops the server cleanly; returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("server already stopped");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Runs a command; asserts success; returns stdout.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed (see scripts/deps.sh): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a Python script with Debian's interpreter (the one with libnbd's
+/// `nbd` module); asserts success; returns stdout.
+pub fn python_nbd(script: &str, args: &[&str]) -> String {
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("/usr/bin/python3 with python3-libnbd is needed");
+    assert!(
+        out.status.success(),
+        "python script failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
