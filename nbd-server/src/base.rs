@@ -311,17 +311,52 @@ impl ReadAt for LayerImage {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.root.size)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let c = pos / self.cs;
-            let within = pos % self.cs;
-            let n = ((self.cs - within) as usize).min(buf.len() - done);
-            match self.chunk_of(c)? {
-                None => buf[done..done + n].fill(0),
-                Some(id) => self.cluster(c, id, within, &mut buf[done..done + n])?,
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = offset / self.cs;
+        let last = (offset + buf.len() as u64 - 1) / self.cs;
+        let ids: Vec<Option<ChunkId>> = (first..=last)
+            .map(|c| self.chunk_of(c))
+            .collect::<Result<_>>()?;
+        // Clusters this process has already verified in the cache are read
+        // straight from it, a whole run per pread.
+        let ready: Vec<bool> = match &self.cache {
+            Some(cache) => {
+                let b = cache.bits();
+                (first..=last)
+                    .map(|c| bit(&b.present, c) && bit(&b.verified, c))
+                    .collect()
             }
-            done += n;
+            None => vec![false; ids.len()],
+        };
+        let end = offset + buf.len() as u64;
+        let mut i = 0usize;
+        while i < ids.len() {
+            let c = first + i as u64;
+            let kind = (ids[i].is_some(), ready[i]);
+            let mut run = 1usize;
+            if kind != (true, false) {
+                while i + run < ids.len() && (ids[i + run].is_some(), ready[i + run]) == kind {
+                    run += 1;
+                }
+            }
+            let from = offset.max(c * self.cs);
+            let to = end.min((c + run as u64) * self.cs);
+            let span = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            match (ids[i], kind.1) {
+                (None, _) => span.fill(0),
+                (Some(_), true) => {
+                    if let Some(cache) = &self.cache {
+                        cache
+                            .data
+                            .read_exact_at(span, from)
+                            .ctx(&cache.data_path, "read cluster cache")?;
+                    }
+                }
+                (Some(id), false) => self.cluster(c, id, from - c * self.cs, span)?,
+            }
+            i += run;
         }
         Ok(())
     }

@@ -60,6 +60,9 @@ pub(crate) struct Meta {
     pub end: u64,
     /// Length of the file, for bounds checks on offsets read from it.
     pub file_len: u64,
+    /// Guest clusters whose new host cluster is being written (not yet
+    /// mapped); other writers of these clusters wait.
+    pub in_flight: std::collections::HashSet<u64>,
 }
 
 impl Meta {
@@ -89,6 +92,7 @@ impl Meta {
             free: BTreeSet::new(),
             end: file_len.div_ceil(cs),
             file_len,
+            in_flight: std::collections::HashSet::new(),
         }
     }
 

@@ -28,7 +28,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use header::{
     parse_extensions, Header, AUTOCLEAR_BITMAPS, COPIED, INCOMPAT_DIRTY, QCOW_MAGIC, V3_HEADER_LEN,
@@ -69,8 +69,24 @@ pub struct Qcow2 {
     backing_name: Option<String>,
     repaired: Option<RepairStats>,
     meta: Mutex<Meta>,
+    /// Signalled when in-flight allocations are mapped.
+    allocated: Condvar,
     layout: RwLock<()>,
     closed: AtomicBool,
+}
+
+/// Where one cluster of a write goes.
+#[derive(Debug, Clone, Copy)]
+enum Planned {
+    /// Overwrite the cluster where it is.
+    InPlace { host: u64 },
+    /// Write a new host cluster (or a zero cluster's preallocated one,
+    /// `reused`), then map it; `old` is what was mapped before.
+    New {
+        host: u64,
+        old: Mapping,
+        reused: bool,
+    },
 }
 
 fn unsupported(path: &Path, reason: impl Into<String>) -> Error {
@@ -268,6 +284,7 @@ impl Qcow2 {
             backing_name,
             repaired,
             meta: Mutex::new(meta),
+            allocated: Condvar::new(),
             layout: RwLock::new(()),
             closed: AtomicBool::new(false),
         })
@@ -450,15 +467,22 @@ impl Qcow2 {
             let c = first + i as u64;
             let pos = offset + done as u64;
             let within = pos & (self.cs - 1);
-            // Merge a run of clusters that are contiguous on the host.
+            // Merge a run of clusters read the same way: contiguous on the
+            // host, or all zero, or all from the backing device.
             let mut run = 1usize;
-            if let Mapping::Data { host, .. } = maps[i] {
-                while let Some(Mapping::Data { host: next, .. }) = maps.get(i + run) {
-                    if *next != host + run as u64 * self.cs {
-                        break;
+            while let Some(next) = maps.get(i + run) {
+                let same = match (maps[i], *next) {
+                    (Mapping::Data { host, .. }, Mapping::Data { host: h, .. }) => {
+                        h == host + run as u64 * self.cs
                     }
-                    run += 1;
+                    (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
+                    (Mapping::Unallocated, Mapping::Unallocated) => true,
+                    _ => false,
+                };
+                if !same {
+                    break;
                 }
+                run += 1;
             }
             let span_end = ((c + run as u64) * self.cs).min(offset + buf.len() as u64);
             let n = (span_end - pos) as usize;
@@ -471,84 +495,163 @@ impl Qcow2 {
 
     /// Writes `data` at `offset`, allocating (copy-on-write) where needed.
     ///
+    /// Three phases: under the metadata lock, plan every cluster (mapped in
+    /// place, or a newly allocated host cluster, marked in flight so no
+    /// other writer allocates it too); without the lock, write the data
+    /// (copy-on-write fills included; newly allocated clusters are usually
+    /// contiguous, so a large write is one `pwrite`); under the lock again,
+    /// map the new clusters.
+    ///
     /// # Errors
     /// Read-only image, out of range, I/O, corruption.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.require_writable()?;
         check_range(offset, data.len() as u64, self.size)?;
-        let mut released = Vec::new();
-        {
-            let _io = self.layout.read().unwrap_or_else(|p| p.into_inner());
-            let mut done = 0usize;
-            while done < data.len() {
-                let pos = offset + done as u64;
-                let c = pos >> self.cluster_bits;
-                let within = pos & (self.cs - 1);
-                let n = ((self.cs - within) as usize).min(data.len() - done);
-                let span = &data[done..done + n];
-                let mut m = self.meta();
-                match m.lookup(&self.file, c)? {
-                    Mapping::Data { host, copied: true } => {
-                        drop(m);
-                        self.file
-                            .write_all_at(span, host + within)
-                            .ctx(&self.path, "write image")?;
-                    }
-                    old => {
-                        if let Some(r) = self.allocate_and_write(&mut m, c, within, span, old)? {
-                            released.push(r);
-                        }
-                    }
-                }
-                done += n;
-            }
+        if data.is_empty() {
+            return Ok(());
         }
+        let released = {
+            let _io = self.layout.read().unwrap_or_else(|p| p.into_inner());
+            let first = offset >> self.cluster_bits;
+            let last = (offset + data.len() as u64 - 1) >> self.cluster_bits;
+            let plan = self.plan_write(first, last)?;
+            let written = self.write_planned(offset, data, first, &plan);
+            let released = self.finish_write(first, &plan, written.is_ok())?;
+            written?;
+            released
+        };
         self.release_later(released)
     }
 
-    /// Writes `span` at `within` of guest cluster `c`, which `old` maps,
-    /// into a cluster of its own. Returns the mapping to release, if any.
-    fn allocate_and_write(
-        &self,
-        m: &mut Meta,
-        c: u64,
-        within: u64,
-        span: &[u8],
-        old: Mapping,
-    ) -> Result<Option<Mapping>> {
-        let full = within == 0 && span.len() as u64 == self.cs;
-        let mut cluster = Vec::new();
-        if !full {
-            cluster = vec![0u8; self.cs as usize];
-            if !matches!(old, Mapping::Zero { .. }) {
-                let len = (self.size - c * self.cs).min(self.cs) as usize;
-                self.read_mapped(c, 0, old, &mut cluster[..len])?;
-            }
-            cluster[within as usize..within as usize + span.len()].copy_from_slice(span);
+    /// Phase 1 of a write: where each cluster of `first..=last` goes.
+    fn plan_write(&self, first: u64, last: u64) -> Result<Vec<Planned>> {
+        let mut m = self.meta();
+        while (first..=last).any(|c| m.in_flight.contains(&c)) {
+            m = self.allocated.wait(m).unwrap_or_else(|p| p.into_inner());
         }
-        let contents: &[u8] = if full { span } else { &cluster };
-        // A zero cluster with a preallocated host cluster keeps it.
-        if let Mapping::Zero {
-            prealloc: Some(host),
-        } = old
-        {
-            if m.refcount(host / self.cs) == 1 {
-                self.file
-                    .write_all_at(contents, host)
-                    .ctx(&self.path, "write image")?;
-                m.set_l2(&self.file, c, host | COPIED)?;
-                return Ok(None);
+        let mut plan = Vec::with_capacity((last - first + 1) as usize);
+        for c in first..=last {
+            let step = match m.lookup(&self.file, c) {
+                Ok(Mapping::Data { host, copied: true }) => Ok(Planned::InPlace { host }),
+                Ok(
+                    old @ Mapping::Zero {
+                        prealloc: Some(host),
+                    },
+                ) if m.refcount(host / self.cs) == 1 => Ok(Planned::New {
+                    host,
+                    old,
+                    reused: true,
+                }),
+                Ok(old) => m.alloc(&self.file).map(|host| Planned::New {
+                    host,
+                    old,
+                    reused: false,
+                }),
+                Err(e) => Err(e),
+            };
+            match step {
+                Ok(p) => {
+                    if matches!(p, Planned::New { .. }) {
+                        m.in_flight.insert(c);
+                    }
+                    plan.push(p);
+                }
+                Err(e) => {
+                    // Give back what this plan took so far.
+                    drop(m);
+                    self.finish_write(first, &plan, false)?;
+                    return Err(e);
+                }
             }
         }
-        let host = m.alloc(&self.file)?;
-        self.file
-            .write_all_at(contents, host)
-            .ctx(&self.path, "write image")?;
-        m.set_l2(&self.file, c, host | COPIED)?;
-        Ok(match old {
-            Mapping::Unallocated | Mapping::Zero { prealloc: None } => None,
-            other => Some(other),
-        })
+        Ok(plan)
+    }
+
+    /// Phase 2 of a write: the data, without the metadata lock.
+    fn write_planned(&self, offset: u64, data: &[u8], first: u64, plan: &[Planned]) -> Result<()> {
+        let end = offset + data.len() as u64;
+        let mut i = 0usize;
+        while i < plan.len() {
+            let c = first + i as u64;
+            let cstart = c * self.cs;
+            let from = offset.max(cstart);
+            let to = end.min(cstart + self.cs);
+            let span = &data[(from - offset) as usize..(to - offset) as usize];
+            let within = from - cstart;
+            match plan[i] {
+                Planned::InPlace { host } => {
+                    self.file
+                        .write_all_at(span, host + within)
+                        .ctx(&self.path, "write image")?;
+                    i += 1;
+                }
+                Planned::New { host, old, .. } => {
+                    let full = within == 0 && span.len() as u64 == self.cs;
+                    if !full {
+                        // Copy-on-write: the rest of the cluster keeps what
+                        // was there (zeros for a zero cluster).
+                        let mut cluster = vec![0u8; self.cs as usize];
+                        if !matches!(old, Mapping::Zero { .. }) {
+                            let len = (self.size - cstart).min(self.cs) as usize;
+                            self.read_mapped(c, 0, old, &mut cluster[..len])?;
+                        }
+                        cluster[within as usize..within as usize + span.len()]
+                            .copy_from_slice(span);
+                        self.file
+                            .write_all_at(&cluster, host)
+                            .ctx(&self.path, "write image")?;
+                        i += 1;
+                        continue;
+                    }
+                    // A run of whole new clusters contiguous on the host: one
+                    // write straight from the request's buffer.
+                    let mut run = 1usize;
+                    while let Some(Planned::New { host: h, .. }) = plan.get(i + run) {
+                        let next_start = (c + run as u64) * self.cs;
+                        if *h != host + run as u64 * self.cs || next_start + self.cs > end {
+                            break;
+                        }
+                        run += 1;
+                    }
+                    let from = (cstart - offset) as usize;
+                    let to = from + run * self.cs as usize;
+                    self.file
+                        .write_all_at(&data[from..to], host)
+                        .ctx(&self.path, "write image")?;
+                    i += run;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Phase 3 of a write: map the new clusters (or, after a failure, give
+    /// them back). Returns the old mappings to release.
+    fn finish_write(&self, first: u64, plan: &[Planned], ok: bool) -> Result<Vec<Mapping>> {
+        let mut released = Vec::new();
+        let mut m = self.meta();
+        let mut result = Ok(());
+        for (i, p) in plan.iter().enumerate() {
+            let c = first + i as u64;
+            if let Planned::New { host, old, reused } = *p {
+                m.in_flight.remove(&c);
+                if !ok {
+                    if !reused {
+                        result = result.and(m.set_refcount(&self.file, host / self.cs, 0));
+                    }
+                    continue;
+                }
+                result = result.and(m.set_l2(&self.file, c, host | COPIED));
+                if !reused
+                    && !matches!(old, Mapping::Unallocated | Mapping::Zero { prealloc: None })
+                {
+                    released.push(old);
+                }
+            }
+        }
+        drop(m);
+        self.allocated.notify_all();
+        result.map(|()| released)
     }
 
     /// Drops references of unmapped clusters once no I/O can be using them.
