@@ -75,6 +75,12 @@ pub trait Export: Send + Sync {
     fn allocation(&self, offset: u64, len: u64) -> Result<Runs>;
     /// Changed-block status of the range, if the export tracks changes.
     fn dirty(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>>;
+    /// Whether small reads and writes are plain local file I/O (page cache;
+    /// no store, no decompression), cheap enough to run on the async thread
+    /// that received them instead of hopping to the blocking pool.
+    fn cheap_io(&self) -> bool {
+        false
+    }
 }
 
 fn read_only(name: &str) -> Error {
@@ -259,6 +265,10 @@ impl Export for ImageExport {
 
     fn dirty(&self, _offset: u64, _len: u64) -> Option<Vec<(u64, bool)>> {
         None
+    }
+
+    fn cheap_io(&self) -> bool {
+        true
     }
 }
 

@@ -46,7 +46,7 @@ pub mod export;
 pub mod proto;
 pub mod qcow;
 pub mod server;
-mod session;
+pub mod session;
 pub mod source;
 
 pub use error::{Error, Result};

@@ -276,6 +276,7 @@ pub async fn serve(
     };
     ready(&bound);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let memory = Arc::new(crate::session::Memory::default());
     let mut sessions = JoinSet::new();
     tokio::pin!(stop);
     loop {
@@ -286,10 +287,10 @@ pub async fn serve(
                 tracing::debug!(%peer, "connection");
                 // Small requests: don't wait to fill packets.
                 let _ = s.set_nodelay(true);
-                sessions.spawn(crate::session::run(Box::new(s), exports.clone(), tls.clone(), stop_rx.clone()));
+                sessions.spawn(crate::session::run(Box::new(s), exports.clone(), tls.clone(), stop_rx.clone(), memory.clone()));
             }
             Some(s) = accept_unix(&unix) => {
-                sessions.spawn(crate::session::run(Box::new(s), exports.clone(), tls.clone(), stop_rx.clone()));
+                sessions.spawn(crate::session::run(Box::new(s), exports.clone(), tls.clone(), stop_rx.clone(), memory.clone()));
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }

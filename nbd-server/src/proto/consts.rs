@@ -176,5 +176,5 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 pub const MAX_OPTION_DATA: u32 = 1024 * 1024;
 /// Extents per block status reply at most (the spec's suggested cap).
 pub const MAX_EXTENTS: usize = 1 << 20;
-/// Requests processed at once per connection.
-pub const MAX_IN_FLIGHT: usize = 64;
+/// Requests processed at once per connection (QEMU's own server allows 16).
+pub const MAX_IN_FLIGHT: usize = 32;

@@ -39,8 +39,12 @@ pub fn run(cli: &Cli, out: &Out, a: &ServeArgs) -> anyhow::Result<ExitCode> {
             (e, Box::new(move || c.close_all()))
         }
     };
+    // Export I/O runs on the blocking pool; a few threads per core keep the
+    // disks busy without hundreds of idle threads holding memory.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(cores * 4)
         .build()?;
     let json = out.json;
     let result = rt.block_on(serve(
