@@ -215,6 +215,25 @@ pub struct GcArgs {
 pub enum BenchCommand {
     /// Import a generated tree and disk image, fresh and unchanged, beside `restic backup`
     Import(BenchImportArgs),
+    /// Serve a qcow2 file and a store disk beside qemu-nbd; fio and nbdcopy on both
+    Nbd(BenchNbdArgs),
+}
+
+/// `lamina bench nbd`
+#[derive(Debug, Args)]
+pub struct BenchNbdArgs {
+    /// Work directory [default: a new temporary directory]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Image size in bytes
+    #[arg(long, default_value_t = 1 << 30)]
+    pub size: u64,
+    /// Seconds per fio run
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Keep the work directory
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `lamina bench import`

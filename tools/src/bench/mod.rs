@@ -9,6 +9,7 @@
 //! Data is read from the page cache by both (it was just generated).
 
 mod data;
+mod nbd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -23,7 +24,35 @@ use crate::output::{bytes, Out};
 pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> {
     match c {
         BenchCommand::Import(a) => import(out, a),
+        BenchCommand::Nbd(a) => {
+            let work = work_dir(a.dir.as_deref(), "nbd")?;
+            let result = nbd::run(&std::env::current_exe()?, &work, a.size, a.seconds, out);
+            if !a.keep {
+                if let Err(e) = std::fs::remove_dir_all(&work) {
+                    out.note(&format!(
+                        "warning: could not remove {}: {e}",
+                        work.display()
+                    ));
+                }
+            }
+            let report = result?;
+            out.result(&report, || nbd::render(&report))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// A new, empty work directory: `dir`, or one under the temporary directory.
+fn work_dir(dir: Option<&Path>, what: &str) -> anyhow::Result<PathBuf> {
+    let work = match dir {
+        Some(d) => d.to_owned(),
+        None => std::env::temp_dir().join(format!("lamina-bench-{what}-{}", std::process::id())),
+    };
+    if work.exists() && std::fs::read_dir(&work)?.next().is_some() {
+        bail!("{}: work directory is not empty", work.display());
+    }
+    std::fs::create_dir_all(&work)?;
+    Ok(work)
 }
 
 #[derive(Debug, Serialize)]
@@ -183,14 +212,7 @@ fn import(out: &Out, a: &BenchImportArgs) -> anyhow::Result<ExitCode> {
                 a.restic.display()
             )
         })?;
-    let work = match &a.dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("lamina-bench-{}", std::process::id())),
-    };
-    if work.exists() && std::fs::read_dir(&work)?.next().is_some() {
-        bail!("{}: work directory is not empty", work.display());
-    }
-    std::fs::create_dir_all(&work)?;
+    let work = work_dir(a.dir.as_deref(), "import")?;
     let tools = Tools {
         lamina: std::env::current_exe()?,
         restic: a.restic.clone(),

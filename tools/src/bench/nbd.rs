@@ -1,0 +1,550 @@
+//! `lamina bench nbd`: Lamina's NBD server beside qemu-nbd, same images,
+//! same fio and nbdcopy runs, in one process run.
+//!
+//! Two setups: (1) a standalone qcow2 file, served by `lamina serve --file`
+//! and by `qemu-nbd`, each on its own copy; (2) a disk (store base layer +
+//! empty overlay) against qemu-nbd serving the equivalent qcow2 chain (base
+//! qcow2 + empty overlay). Both are warmed with one sequential read first
+//! (Lamina's cluster cache and the page cache), then every workload runs on
+//! one server and then the other. Throughput from fio's own JSON report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use super::data::Rng;
+use crate::output::{bytes, Out};
+
+/// A running NBD server.
+struct Running {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SIGTERM first so Lamina closes its images cleanly.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Peak resident memory of the server process (VmHWM), bytes.
+    fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+fn wait_for_socket(path: &Path, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("server exited early: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("server did not start listening on {}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn lamina_serve(
+    lamina: &Path,
+    store: &Path,
+    args: &[&str],
+    sock: &Path,
+) -> anyhow::Result<Running> {
+    let _ = std::fs::remove_file(sock);
+    let mut child = Command::new(lamina)
+        .arg("--store")
+        .arg(store)
+        .arg("--quiet")
+        .arg("serve")
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting lamina serve")?;
+    wait_for_socket(sock, &mut child)?;
+    Ok(Running {
+        child,
+        uri: String::new(),
+    })
+}
+
+fn qemu_nbd(image: &Path, sock: &Path) -> anyhow::Result<Running> {
+    let _ = std::fs::remove_file(sock);
+    let mut child = Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "qcow2",
+            "-t",
+            "--shared=8",
+            "--cache=writeback",
+            "--discard=unmap",
+        ])
+        .arg(format!("--socket={}", sock.display()))
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qemu-nbd (apt-get install qemu-utils)")?;
+    wait_for_socket(sock, &mut child)?;
+    Ok(Running {
+        child,
+        uri: String::new(),
+    })
+}
+
+/// One fio workload.
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    depth: u32,
+}
+
+const WORKLOADS: [Workload; 6] = [
+    Workload {
+        name: "seq read 1M qd16",
+        rw: "read",
+        bs: "1M",
+        depth: 16,
+    },
+    Workload {
+        name: "seq write 1M qd16",
+        rw: "write",
+        bs: "1M",
+        depth: 16,
+    },
+    Workload {
+        name: "rand read 4K qd32",
+        rw: "randread",
+        bs: "4k",
+        depth: 32,
+    },
+    Workload {
+        name: "rand write 4K qd32",
+        rw: "randwrite",
+        bs: "4k",
+        depth: 32,
+    },
+    Workload {
+        name: "rand read 4K qd1",
+        rw: "randread",
+        bs: "4k",
+        depth: 1,
+    },
+    Workload {
+        name: "rand write 4K qd1",
+        rw: "randwrite",
+        bs: "4k",
+        depth: 1,
+    },
+];
+
+/// Runs fio; returns (MiB/s, IOPS) summed over jobs.
+fn fio(uri: &str, w: Workload, jobs: u32, seconds: u64) -> anyhow::Result<(f64, f64)> {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={}", w.rw),
+            &format!("--bs={}", w.bs),
+            &format!("--iodepth={}", w.depth),
+            &format!("--numjobs={jobs}"),
+            "--group_reporting",
+            "--time_based",
+            &format!("--runtime={seconds}"),
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .output()
+        .context("running fio (apt-get install fio)")?;
+    if !out.status.success() {
+        bail!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    // The nbd engine prints "connected" lines before the JSON document.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = text.find('{').map_or("", |i| &text[i..]);
+    let v: serde_json::Value = serde_json::from_str(json).context("fio JSON")?;
+    let job = &v["jobs"][0];
+    let part = if w.rw.contains("read") {
+        &job["read"]
+    } else {
+        &job["write"]
+    };
+    let bw_kib = part["bw"].as_f64().unwrap_or(0.0);
+    Ok((bw_kib / 1024.0, part["iops"].as_f64().unwrap_or(0.0)))
+}
+
+/// nbdcopy: MiB/s reading the export to null, or writing a file into it.
+fn nbdcopy(uri: &str, from_file: Option<&Path>, size: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut c = Command::new("nbdcopy");
+    match from_file {
+        Some(f) => c.arg(f).arg(uri),
+        None => c.arg(uri).arg("null:"),
+    };
+    let out = c
+        .output()
+        .context("running nbdcopy (apt-get install libnbd-bin)")?;
+    if !out.status.success() {
+        bail!(
+            "nbdcopy failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(size as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64())
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    setup: &'static str,
+    workload: String,
+    connections: u32,
+    lamina_mib_s: f64,
+    qemu_nbd_mib_s: f64,
+    lamina_iops: f64,
+    qemu_nbd_iops: f64,
+    /// Lamina over qemu-nbd (IOPS for 4K, MiB/s otherwise).
+    ratio: f64,
+}
+
+/// Report of `bench nbd`.
+#[derive(Debug, Serialize)]
+pub struct NbdReport {
+    image_bytes: u64,
+    seconds_per_run: u64,
+    qemu_nbd_version: String,
+    rows: Vec<Row>,
+    /// Peak RSS of `lamina serve` on a 10 GiB disk after random I/O over it.
+    lamina_rss_10g_bytes: u64,
+    /// Same for qemu-nbd on the equivalent qcow2 chain.
+    qemu_nbd_rss_10g_bytes: u64,
+}
+
+fn run_ok(c: &mut Command, what: &str) -> anyhow::Result<()> {
+    let out = c.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A raw image of `size` bytes: mixed data with some holes, like a used disk.
+fn make_raw(path: &Path, size: u64, data_fraction: f64) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    let mut rng = Rng::new(11);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let take = (rng.next() % 1000) as f64 / 1000.0 < data_fraction;
+        if take {
+            for c in buf.chunks_mut(8) {
+                let v = rng.next().to_le_bytes();
+                c.copy_from_slice(&v[..c.len()]);
+            }
+            let n = (size - pos).min(buf.len() as u64) as usize;
+            f.write_all_at(&buf[..n], pos)?;
+        }
+        pos += buf.len() as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+struct Setup {
+    name: &'static str,
+    lamina: Running,
+    qemu: Running,
+}
+
+fn compare(
+    setup: &Setup,
+    size: u64,
+    seconds: u64,
+    rows: &mut Vec<Row>,
+    out: &Out,
+    scratch: &Path,
+) -> anyhow::Result<()> {
+    // Warm both: one full sequential read.
+    out.summary(&format!("{}: warming up…", setup.name));
+    nbdcopy(&setup.lamina.uri, None, size)?;
+    nbdcopy(&setup.qemu.uri, None, size)?;
+    for jobs in [1u32, 4] {
+        for w in WORKLOADS {
+            out.summary(&format!("{}: {} × {jobs}…", setup.name, w.name));
+            let (lb, li) = fio(&setup.lamina.uri, w, jobs, seconds)?;
+            let (qb, qi) = fio(&setup.qemu.uri, w, jobs, seconds)?;
+            let ratio = if w.bs == "4k" {
+                li / qi.max(1e-9)
+            } else {
+                lb / qb.max(1e-9)
+            };
+            rows.push(Row {
+                setup: setup.name,
+                workload: w.name.into(),
+                connections: jobs,
+                lamina_mib_s: lb,
+                qemu_nbd_mib_s: qb,
+                lamina_iops: li,
+                qemu_nbd_iops: qi,
+                ratio,
+            });
+        }
+    }
+    let src = scratch.join("nbdcopy-src.raw");
+    make_raw(&src, size, 1.0)?;
+    let l = nbdcopy(&setup.lamina.uri, None, size)?;
+    let q = nbdcopy(&setup.qemu.uri, None, size)?;
+    rows.push(Row {
+        setup: setup.name,
+        workload: "nbdcopy read".into(),
+        connections: 4,
+        lamina_mib_s: l,
+        qemu_nbd_mib_s: q,
+        lamina_iops: 0.0,
+        qemu_nbd_iops: 0.0,
+        ratio: l / q.max(1e-9),
+    });
+    let l = nbdcopy(&setup.lamina.uri, Some(&src), size)?;
+    let q = nbdcopy(&setup.qemu.uri, Some(&src), size)?;
+    rows.push(Row {
+        setup: setup.name,
+        workload: "nbdcopy write".into(),
+        connections: 4,
+        lamina_mib_s: l,
+        qemu_nbd_mib_s: q,
+        lamina_iops: 0.0,
+        qemu_nbd_iops: 0.0,
+        ratio: l / q.max(1e-9),
+    });
+    let _ = std::fs::remove_file(&src);
+    Ok(())
+}
+
+/// Runs the NBD benchmark in `work`.
+pub fn run(
+    lamina: &Path,
+    work: &Path,
+    size: u64,
+    seconds: u64,
+    out: &Out,
+) -> anyhow::Result<NbdReport> {
+    let qemu_nbd_version = Command::new("qemu-nbd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .context("qemu-nbd not found (apt-get install qemu-utils)")?;
+    let lam = |args: &[&str], store: &Path| -> anyhow::Result<()> {
+        run_ok(
+            Command::new(lamina)
+                .arg("--store")
+                .arg(store)
+                .arg("--quiet")
+                .args(args),
+            "lamina",
+        )
+    };
+    let img = |args: &[&str]| run_ok(Command::new("qemu-img").args(args), "qemu-img");
+    out.summary(&format!("preparing a {} image…", bytes(size)));
+    let raw = work.join("base.raw");
+    make_raw(&raw, size, 0.85)?;
+    let p = |n: &str| work.join(n);
+    let s = |p: &PathBuf| p.to_str().unwrap_or_default().to_owned();
+    // Setup 1: a standalone qcow2, one copy each.
+    img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &s(&raw),
+        &s(&p("file-l.qcow2")),
+    ])?;
+    std::fs::copy(p("file-l.qcow2"), p("file-q.qcow2"))?;
+    // Setup 2: store disk vs qcow2 chain.
+    let store = p("store");
+    lam(&["init"], &store)?;
+    lam(
+        &[
+            "layer", "create", "base", "--kind", "os", "--format", "disk",
+        ],
+        &store,
+    )?;
+    lam(&["layer", "import", "base", &s(&raw)], &store)?;
+    lam(&["disk", "create", "vm", "--base", "base"], &store)?;
+    img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &s(&raw),
+        &s(&p("chain-base.qcow2")),
+    ])?;
+    img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "chain-base.qcow2",
+        "-F",
+        "qcow2",
+        &s(&p("chain-top.qcow2")),
+    ])?;
+    let mut rows = Vec::new();
+    for (name, lamina_args, qemu_image) in [
+        (
+            "qcow2 file",
+            vec!["--file".to_owned(), s(&p("file-l.qcow2"))],
+            p("file-q.qcow2"),
+        ),
+        ("store disk", vec![], p("chain-top.qcow2")),
+    ] {
+        let ls = p("lamina.sock");
+        let qs = p("qemu.sock");
+        let args: Vec<&str> = lamina_args.iter().map(String::as_str).collect();
+        let mut lamina_srv = lamina_serve(lamina, &store, &args, &ls)?;
+        let export = if args.is_empty() { "vm" } else { "" };
+        lamina_srv.uri = format!("nbd+unix:///{export}?socket={}", ls.display());
+        let mut qemu_srv = qemu_nbd(&qemu_image, &qs)?;
+        qemu_srv.uri = format!("nbd+unix:///?socket={}", qs.display());
+        let setup = Setup {
+            name,
+            lamina: lamina_srv,
+            qemu: qemu_srv,
+        };
+        compare(&setup, size, seconds, &mut rows, out, work)?;
+    }
+    // Memory on a 10 GiB disk after random I/O across it.
+    out.summary("measuring memory on a 10 GiB disk…");
+    let big = p("big.raw");
+    make_raw(&big, 10 << 30, 0.1)?;
+    lam(
+        &["layer", "create", "big", "--kind", "os", "--format", "disk"],
+        &store,
+    )?;
+    lam(&["layer", "import", "big", &s(&big)], &store)?;
+    lam(&["disk", "create", "big", "--base", "big"], &store)?;
+    img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &s(&big),
+        &s(&p("big-base.qcow2")),
+    ])?;
+    img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "big-base.qcow2",
+        "-F",
+        "qcow2",
+        &s(&p("big-top.qcow2")),
+    ])?;
+    let _ = std::fs::remove_file(&big);
+    let ls = p("lamina-big.sock");
+    let qs = p("qemu-big.sock");
+    let mut l = lamina_serve(lamina, &store, &[], &ls)?;
+    l.uri = format!("nbd+unix:///big?socket={}", ls.display());
+    let mut q = qemu_nbd(&p("big-top.qcow2"), &qs)?;
+    q.uri = format!("nbd+unix:///?socket={}", qs.display());
+    for srv in [&l, &q] {
+        for w in [WORKLOADS[2], WORKLOADS[3], WORKLOADS[1]] {
+            fio(&srv.uri, w, 4, seconds.min(5))?;
+        }
+    }
+    Ok(NbdReport {
+        image_bytes: size,
+        seconds_per_run: seconds,
+        qemu_nbd_version,
+        rows,
+        lamina_rss_10g_bytes: l.peak_rss(),
+        qemu_nbd_rss_10g_bytes: q.peak_rss(),
+    })
+}
+
+/// Text form of the report.
+pub fn render(r: &NbdReport) -> String {
+    let mut s = format!(
+        "{} ; {} image, {} s per run\n{:<12} {:<20} {:>4} {:>12} {:>12} {:>7}\n",
+        r.qemu_nbd_version,
+        bytes(r.image_bytes),
+        r.seconds_per_run,
+        "setup",
+        "workload",
+        "conn",
+        "lamina",
+        "qemu-nbd",
+        "ratio"
+    );
+    for row in &r.rows {
+        let fmt = |mib: f64, iops: f64| {
+            if row.workload.contains("4K") {
+                format!("{iops:>7.0} IOPS")
+            } else {
+                format!("{mib:>7.0} MiB/s")
+            }
+        };
+        s.push_str(&format!(
+            "{:<12} {:<20} {:>4} {:>12} {:>12} {:>6.2}x\n",
+            row.setup,
+            row.workload,
+            row.connections,
+            fmt(row.lamina_mib_s, row.lamina_iops),
+            fmt(row.qemu_nbd_mib_s, row.qemu_nbd_iops),
+            row.ratio
+        ));
+    }
+    s.push_str(&format!(
+        "peak RSS on a 10 GiB disk: lamina {}, qemu-nbd {}\n",
+        bytes(r.lamina_rss_10g_bytes),
+        bytes(r.qemu_nbd_rss_10g_bytes)
+    ));
+    s
+}
