@@ -4,20 +4,37 @@
 #   libzstd-dev pkg-config      : chunk compression (links Debian's zstd)
 #   restic                      : the peer of `lamina bench import`
 #   util-linux                  : setpriv, to run tests as an unprivileged user
-#   qemu-utils libnbd-bin python3-libnbd fio openssl
-#                               : NBD peers (qemu-img, qemu-io, qemu-nbd, nbdinfo,
-#                                 nbdcopy, nbdsh, fio's nbd engine), test certificates
+#   libnbd-bin python3-libnbd fio openssl
+#                               : NBD peers (nbdinfo, nbdcopy, nbdsh, fio's nbd
+#                                 engine) and test certificates
+#   qemu-system-x86 qemu-utils  : QEMU boots the fixture guest; qemu-img, qemu-io,
+#                                 qemu-nbd. Installed together, qemu-utils pinned
+#                                 to qemu-system-x86's version: a newer qemu-utils
+#                                 from outside the package sources (as on these
+#                                 machines) blocks the install otherwise.
+#   linux-image-amd64 busybox-static e2fsprogs cpio
+#                               : the fixture guest (fixtures/guest/build.sh)
 set -euo pipefail
 pkgs=(librocksdb-dev libclang-dev libzstd-dev pkg-config restic util-linux
-      qemu-utils libnbd-bin python3-libnbd fio openssl)
+      libnbd-bin python3-libnbd fio openssl
+      linux-image-amd64 busybox-static e2fsprogs cpio)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing: ${missing[*]}" >&2
+for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
+need_qemu=0
+installed qemu-system-x86 || need_qemu=1
+if [ ${#missing[@]} -gt 0 ] || [ $need_qemu -eq 1 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]} $([ $need_qemu -eq 1 ] && echo qemu-system-x86 qemu-utils)" >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  if [ ${#missing[@]} -gt 0 ]; then
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  if [ $need_qemu -eq 1 ]; then
+    qv="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')"
+    $sudo apt-get install -y -qq --no-install-recommends --allow-downgrades \
+      qemu-system-x86 "qemu-utils=$qv" >/dev/null
+  fi
 fi
