@@ -724,3 +724,51 @@ fn tls_is_required_when_configured() {
     let out = run_ok("nbdinfo", &["--json", &tls_uri]);
     assert!(out.contains("\"export-size\": 67108864"), "{out}");
 }
+
+#[test]
+fn blank_disks_and_commits_to_another_layer() {
+    let env = Env::new();
+    env.ok(&["disk", "create", "blank", "--size", "8M"]);
+    let (code, err) = env.fail(&["disk", "create", "odd", "--size", "1000"]);
+    assert_eq!(code, 2, "{err}");
+    let mut server = Server::start(&env, &[]);
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5c 1M 64k",
+            &server.unix_uri("blank"),
+        ],
+    );
+    assert!(server.stop().success());
+    // A disk without a base needs to be told where its commit goes.
+    let (code, err) = env.fail(&["disk", "commit", "blank"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--to"), "{err}");
+    env.create("golden", "os", "disk");
+    let c = env.json(&[
+        "disk",
+        "commit",
+        "blank",
+        "--to",
+        "golden",
+        "-m",
+        "from a blank disk",
+    ]);
+    assert_eq!(c["layer"], "golden");
+    let out = env.path("golden.raw");
+    env.export("golden", &out);
+    let mut want = vec![0u8; 8 << 20];
+    want[1 << 20..(1 << 20) + 65536].fill(0x5c);
+    assert!(fs::read(&out).unwrap() == want);
+    // The disk now sits on the new version, and a tree layer cannot take it.
+    assert_eq!(
+        env.json(&["disk", "show", "blank"])["base"]["layer"],
+        "golden"
+    );
+    env.create("tree", "data", "tree");
+    let (_, err) = env.fail(&["disk", "commit", "blank", "--to", "tree"]);
+    assert!(err.contains("not a disk layer"), "{err}");
+}
