@@ -139,6 +139,23 @@ async fn lookup(exports: &Arc<dyn Exports>, name: &str) -> Result<Option<Arc<dyn
     }
 }
 
+/// Looks up an export for an option, answering `ERR_UNKNOWN` (with the
+/// reason) when there is none; `None` then.
+async fn find<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    exports: &Arc<dyn Exports>,
+    option: u32,
+    name: &str,
+) -> std::io::Result<Option<Arc<dyn Export>>> {
+    let why = match lookup(exports, name).await {
+        Ok(Some(e)) => return Ok(Some(e)),
+        Ok(None) => format!("no export named `{name}`"),
+        Err(e) => e,
+    };
+    reply(s, option, REP_ERR_UNKNOWN, why.as_bytes()).await?;
+    Ok(None)
+}
+
 /// A cursor over option data with checked reads.
 struct Cursor<'a>(&'a [u8]);
 
@@ -331,22 +348,8 @@ where
                     .await?;
                     continue;
                 };
-                let export = match lookup(&exports, &name).await {
-                    Ok(Some(e)) => e,
-                    Ok(None) => {
-                        reply(
-                            &mut s,
-                            option,
-                            REP_ERR_UNKNOWN,
-                            format!("no export named `{name}`").as_bytes(),
-                        )
-                        .await?;
-                        continue;
-                    }
-                    Err(e) => {
-                        reply(&mut s, option, REP_ERR_UNKNOWN, e.as_bytes()).await?;
-                        continue;
-                    }
+                let Some(export) = find(&mut s, &exports, option, &name).await? else {
+                    continue;
                 };
                 let has_dirty = export.dirty(0, 0).is_some();
                 let mut found: Vec<Context> = Vec::new();
@@ -423,22 +426,8 @@ where
                     .await?;
                     continue;
                 };
-                let export = match lookup(&exports, &name).await {
-                    Ok(Some(e)) => e,
-                    Ok(None) => {
-                        reply(
-                            &mut s,
-                            option,
-                            REP_ERR_UNKNOWN,
-                            format!("no export named `{name}`").as_bytes(),
-                        )
-                        .await?;
-                        continue;
-                    }
-                    Err(e) => {
-                        reply(&mut s, option, REP_ERR_UNKNOWN, e.as_bytes()).await?;
-                        continue;
-                    }
+                let Some(export) = find(&mut s, &exports, option, &name).await? else {
+                    continue;
                 };
                 let mut d = INFO_EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&export.size().to_be_bytes());
