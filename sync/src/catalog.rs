@@ -324,18 +324,9 @@ impl Store {
         action: &str,
         extra: &mut dyn FnMut(&mut Batch<'_>) -> Result<()>,
     ) -> Result<VersionId> {
-        let (id, bytes) = version.encode();
         let mut batch = self.batch()?;
-        // The layer may have been removed since the caller looked it up.
-        if self.layer(&layer.name)?.id != layer.id {
-            return Err(Error::LayerNotFound {
-                name: layer.name.clone(),
-            });
-        }
-        batch
-            .inner
-            .put_cf(cf(&self.db, CF_VERSIONS)?, id.as_bytes(), &bytes);
-        batch.move_ref(&layer_ref(&layer.name), expected, Some(id), action)?;
+        let id = batch.put_version(version)?;
+        batch.move_head(layer, expected, id, action)?;
         extra(&mut batch)?;
         self.commit(batch)?;
         Ok(id)
@@ -499,6 +490,38 @@ impl Batch<'_> {
         let c = cf(&self.store.db, CF_RECORDS)?;
         self.inner.delete_cf(c, record_key(kind, name));
         Ok(())
+    }
+
+    /// Stores `version` as part of the batch and returns its id.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn put_version(&mut self, version: &Version) -> Result<VersionId> {
+        let (id, bytes) = version.encode();
+        self.inner
+            .put_cf(cf(&self.store.db, CF_VERSIONS)?, id.as_bytes(), &bytes);
+        Ok(id)
+    }
+
+    /// Moves the head of `layer` from `expected` to `new`, journalled, after
+    /// checking that the layer still exists (it may have been removed since
+    /// the caller looked it up).
+    ///
+    /// # Errors
+    /// [`Error::LayerNotFound`], [`Error::RefConflict`] if the head moved.
+    pub fn move_head(
+        &mut self,
+        layer: &Layer,
+        expected: Option<VersionId>,
+        new: VersionId,
+        action: &str,
+    ) -> Result<()> {
+        if self.store.layer(&layer.name)?.id != layer.id {
+            return Err(Error::LayerNotFound {
+                name: layer.name.clone(),
+            });
+        }
+        self.move_ref(&layer_ref(&layer.name), expected, Some(new), action)
     }
 
     /// Moves ref `name` from `expected` to `new` (`None`: absent / delete),

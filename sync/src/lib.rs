@@ -70,7 +70,7 @@ pub use export::{ExportOptions, ExportReport};
 pub use fsck::{FsckReport, Problem};
 pub use gc::{GcOptions, GcReport};
 pub use id::{ChunkId, LayerId, ManifestId, PackId, ParseIdError, VersionId};
-pub use import::{DiskSource, ImportOptions, ImportReport, ImportStats};
+pub use import::{read_meta, DiskSource, ImportOptions, ImportReport, ImportStats, TreeWriter};
 pub use layer::{check_layer_name, Layer, LayerFormat, LayerKind};
 pub use progress::{NoProgress, Progress};
 pub use store::{Access, LockWait, OpenOptions, Store, WaitNotice};

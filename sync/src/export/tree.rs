@@ -121,8 +121,28 @@ impl Writer<'_> {
             }
             let is_link = matches!(e.kind, EntryKind::Symlink { .. });
             self.apply_meta(&p, &e.meta, is_link, report)?;
+            if let EntryKind::Dir { opaque: true, .. } = e.kind {
+                self.mark_opaque(&p, report)?;
+            }
         }
         Ok(())
+    }
+
+    /// Marks an opaque directory the way overlayfs does, so the exported
+    /// layers of a composition can be stacked by a kernel overlay mount.
+    fn mark_opaque(&self, path: &Path, report: &mut ExportReport) -> Result<()> {
+        let name = std::ffi::OsStr::from_bytes(crate::import::OVERLAY_OPAQUE);
+        match xattr::set(path, name, b"y") {
+            Ok(()) => Ok(()),
+            Err(e) if !self.root => {
+                report.warnings.push(format!(
+                    "{}: opaque marker not written: {e}",
+                    path.display()
+                ));
+                Ok(())
+            }
+            Err(e) => Err(Error::io(path, "mark directory opaque", e)),
+        }
     }
 
     fn node(&self, path: &Path, kind: SFlag, mode: u32, rdev: u64) -> Result<()> {

@@ -15,6 +15,7 @@ mod cache;
 mod disk;
 mod pipeline;
 mod tree;
+mod writer;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -30,6 +31,9 @@ use crate::version::Version;
 
 pub(crate) use cache::{cache_entry_chunks, CacheEntry};
 pub use disk::DiskSource;
+pub use tree::read_meta;
+pub(crate) use tree::OVERLAY_OPAQUE;
+pub use writer::TreeWriter;
 
 /// How to import.
 pub struct ImportOptions<'a> {

@@ -49,16 +49,25 @@ enum ScanKind {
         /// Allocated blocks cover the size: there can be no hole.
         dense: bool,
     },
-    Dir(Vec<Scanned>),
+    Dir(Vec<Scanned>, bool),
     Symlink(Vec<u8>),
     CharDevice(u64),
     BlockDevice(u64),
     Fifo,
     Socket,
+    Whiteout,
 }
 
-/// Metadata of `path` as stored in a manifest.
-pub(crate) fn meta_of(path: &Path, m: &Metadata) -> Result<Meta> {
+/// The overlayfs xattr that marks a directory opaque; imported as the
+/// manifest's opaque flag (and exported back as this xattr).
+pub(crate) const OVERLAY_OPAQUE: &[u8] = b"trusted.overlay.opaque";
+
+/// Metadata of `path` (whose `lstat` is `m`) as a manifest stores it:
+/// permission bits, owner, mtime and sorted extended attributes.
+///
+/// # Errors
+/// Unreadable extended attributes.
+pub fn read_meta(path: &Path, m: &Metadata) -> Result<Meta> {
     let mut xattrs = Vec::new();
     match xattr::list(path) {
         Ok(names) => {
@@ -112,11 +121,17 @@ fn scan_dir(dir: &Path, depth: usize, stats: &mut ImportStats) -> Result<Vec<Sca
             path: path.clone(),
             reason,
         })?;
-        let meta = meta_of(&path, &m)?;
+        let meta = read_meta(&path, &m)?;
         let ft = m.file_type();
+        let mut meta = meta;
         let kind = if ft.is_dir() {
             stats.dirs += 1;
-            ScanKind::Dir(scan_dir(&path, depth + 1, stats)?)
+            // The overlayfs convention for an opaque directory.
+            let opaque = match meta.xattrs.iter().position(|x| x.name == OVERLAY_OPAQUE) {
+                Some(i) => meta.xattrs.remove(i).value == b"y",
+                None => false,
+            };
+            ScanKind::Dir(scan_dir(&path, depth + 1, stats)?, opaque)
         } else if ft.is_file() {
             stats.files += 1;
             stats.bytes += m.len();
@@ -132,6 +147,10 @@ fn scan_dir(dir: &Path, depth: usize, stats: &mut ImportStats) -> Result<Vec<Sca
             if ft.is_symlink() {
                 let target = fs::read_link(&path).ctx(&path, "read symlink")?;
                 ScanKind::Symlink(target.as_os_str().as_bytes().to_vec())
+            } else if ft.is_char_device() && m.rdev() == 0 {
+                // The overlayfs convention for a whiteout: a 0/0 character
+                // device (what export writes for one).
+                ScanKind::Whiteout
             } else if ft.is_char_device() {
                 ScanKind::CharDevice(m.rdev())
             } else if ft.is_block_device() {
@@ -158,7 +177,7 @@ fn count_links(dir: &[Scanned], counts: &mut HashMap<(u64, u64), u32>) {
             ScanKind::File {
                 stamp, dev, nlink, ..
             } if *nlink > 1 => *counts.entry((*dev, stamp.ino)).or_default() += 1,
-            ScanKind::Dir(children) => count_links(children, counts),
+            ScanKind::Dir(children, _) => count_links(children, counts),
             _ => {}
         }
     }
@@ -191,9 +210,9 @@ impl Builder<'_> {
             }
             child_rel.extend_from_slice(&s.name);
             let kind = match s.kind {
-                ScanKind::Dir(children) => EntryKind::Dir {
+                ScanKind::Dir(children, opaque) => EntryKind::Dir {
                     node: self.build_dir(children, &child_rel, sink)?,
-                    opaque: false,
+                    opaque,
                 },
                 ScanKind::File {
                     path,
@@ -207,6 +226,7 @@ impl Builder<'_> {
                 ScanKind::BlockDevice(rdev) => EntryKind::BlockDevice { rdev },
                 ScanKind::Fifo => EntryKind::Fifo,
                 ScanKind::Socket => EntryKind::Socket,
+                ScanKind::Whiteout => EntryKind::Whiteout,
             };
             entries.push(Entry {
                 name: s.name,
@@ -305,7 +325,7 @@ pub(crate) fn next_data(
 /// Reads a file's data regions through the chunker; holes stay holes. A
 /// `dense` file (allocated blocks cover its size) is read without probing
 /// for holes. Returns the chunker buffer for reuse.
-fn read_file(
+pub(super) fn read_file(
     store: &Store,
     path: &Path,
     dense: bool,
@@ -381,7 +401,7 @@ pub(super) fn import_tree(job: &Job<'_>, stats: &mut ImportStats) -> Result<(Nod
     let (store, root, progress) = (job.store, job.path, job.progress);
     progress.phase("scan", None);
     let root_meta = fs::metadata(root).ctx(root, "stat")?;
-    let meta = meta_of(root, &root_meta)?;
+    let meta = read_meta(root, &root_meta)?;
     let scanned = scan_dir(root, 0, stats)?;
     let mut link_counts = HashMap::new();
     count_links(&scanned, &mut link_counts);

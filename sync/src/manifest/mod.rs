@@ -100,7 +100,7 @@ impl Node {
         Ok(node)
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    pub(crate) fn validate(&self) -> std::result::Result<(), String> {
         match self {
             Node::Root(Root::Tree { meta, .. }) => meta.validate(),
             Node::Root(Root::Disk(d)) => d.validate(),
