@@ -42,6 +42,23 @@ pub enum Command {
     Disk(DiskCommand),
     /// Serve disks and disk layer versions (or one image file) over NBD
     Serve(ServeArgs),
+    /// Define compositions: stacks of tree layers with redirection rules
+    #[command(subcommand)]
+    Compose(ComposeCommand),
+    /// Mount a composition (a daemon serves it until `lamina umount`)
+    Mount(MountArgs),
+    /// Unmount a composition mounted with `lamina mount`
+    Umount {
+        /// Mount point
+        dir: PathBuf,
+    },
+    /// A composition's pending changes, per layer
+    Status {
+        /// Composition name
+        name: String,
+    },
+    /// Turn a composition's pending changes into new layer versions
+    Commit(CommitArgs),
     /// Verify every version, manifest, chunk and pack; name each bad object
     Fsck,
     /// Remove chunks no kept version needs
@@ -131,6 +148,74 @@ pub enum DiskCommand {
         /// Disk name
         name: String,
     },
+}
+
+/// `lamina compose ...`
+#[derive(Debug, Subcommand)]
+pub enum ComposeCommand {
+    /// Create a composition
+    Create(ComposeCreateArgs),
+    /// List compositions
+    Ls,
+    /// Show a composition: layers, rules, mode, mount
+    Show {
+        /// Composition name
+        name: String,
+    },
+    /// Remove a composition and its pending changes (layers stay)
+    Rm {
+        /// Composition name
+        name: String,
+    },
+    /// Drop a composition's pending changes
+    Reset {
+        /// Composition name
+        name: String,
+    },
+}
+
+/// `lamina compose create`
+#[derive(Debug, Args)]
+pub struct ComposeCreateArgs {
+    /// Composition name
+    pub name: String,
+    /// KIND=LAYER[@VERSION]; a version pins the layer read-only (repeat)
+    #[arg(long = "layer", value_name = "KIND=LAYER[@V]", required = true)]
+    pub layers: Vec<String>,
+    /// TOML file of redirection rules [default: every write to the top writable layer]
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
+    /// persistent (keep writes until commit) or revert (drop them at unmount)
+    #[arg(long, default_value = "persistent")]
+    pub mode: String,
+}
+
+/// `lamina mount`
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Composition name
+    pub name: String,
+    /// Mount point: an existing empty directory
+    pub dir: PathBuf,
+    /// Serve in this process instead of a background daemon
+    #[arg(long)]
+    pub foreground: bool,
+    /// (internal) report readiness on stdout as one JSON line, then detach
+    #[arg(long, hide = true)]
+    pub daemon_child: bool,
+}
+
+/// `lamina commit`
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// Composition name
+    pub name: String,
+    /// Version message [default: commit of composition NAME]
+    #[arg(short, long)]
+    pub message: Option<String>,
+    /// Version author [default: $LAMINA_AUTHOR, else user@host]
+    #[arg(long, env = "LAMINA_AUTHOR")]
+    pub author: Option<String>,
 }
 
 /// `lamina serve`

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
 
 /// Maps an error to the process exit code: 2 for usage and configuration
 /// errors, 1 for everything else.
-fn exit_code(e: &anyhow::Error) -> u8 {
+pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
     let sync = e.downcast_ref::<lamina_sync::Error>().or_else(|| {
         match e.downcast_ref::<lamina_nbd::Error>() {
             Some(lamina_nbd::Error::Store(s)) => Some(s),
@@ -62,6 +62,13 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         (Some(lamina_sync::Error::NotAStore { .. }), _) => 2,
         (Some(err), _) if err.kind() == ErrorKind::InvalidInput => 2,
         (None, Some(lamina_nbd::Error::InvalidInput(_))) => 2,
+        _ if matches!(
+            e.downcast_ref::<lamina_fs::Error>(),
+            Some(lamina_fs::Error::Invalid(_) | lamina_fs::Error::Rules { .. })
+        ) =>
+        {
+            2
+        }
         _ if e.downcast_ref::<output::UsageError>().is_some() => 2,
         _ => 1,
     }
@@ -73,6 +80,11 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Layer(c) => cmd::layer::run(cli, out, c),
         Command::Disk(c) => cmd::disk::run(cli, out, c),
         Command::Serve(a) => cmd::serve::run(cli, out, a),
+        Command::Compose(c) => cmd::compose::run(cli, out, c),
+        Command::Mount(a) => cmd::compose::mount(cli, out, a),
+        Command::Umount { dir } => cmd::compose::umount(cli, out, dir),
+        Command::Status { name } => cmd::compose::status(cli, out, name),
+        Command::Commit(a) => cmd::compose::commit(cli, out, a),
         Command::Fsck => cmd::store::fsck(cli, out),
         Command::Gc(args) => cmd::store::gc(cli, out, args),
         Command::Bench(c) => bench::run(cli, out, c),

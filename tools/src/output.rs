@@ -89,7 +89,7 @@ impl Out {
 }
 
 /// Stable kind of an error, for the JSON error document.
-fn error_kind(e: &anyhow::Error) -> &'static str {
+pub(crate) fn error_kind(e: &anyhow::Error) -> &'static str {
     if let Some(s) = e.downcast_ref::<lamina_sync::Error>() {
         return s.kind().as_str();
     }
@@ -104,6 +104,18 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
             }
             lamina_nbd::Error::Unsupported { .. } => "unsupported",
             lamina_nbd::Error::Corrupt { .. } => "corrupt",
+            _ => "io",
+        };
+    }
+    if let Some(f) = e.downcast_ref::<lamina_fs::Error>() {
+        return match f {
+            lamina_fs::Error::Store(s) => s.kind().as_str(),
+            lamina_fs::Error::NotFound { .. } | lamina_fs::Error::NotMounted { .. } => "not-found",
+            lamina_fs::Error::Exists { .. } => "already-exists",
+            lamina_fs::Error::Mounted { .. } => "locked",
+            lamina_fs::Error::Invalid(_)
+            | lamina_fs::Error::Rules { .. }
+            | lamina_fs::Error::MountPoint { .. } => "invalid-input",
             _ => "io",
         };
     }

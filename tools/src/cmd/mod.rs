@@ -1,5 +1,6 @@
 //! Command implementations, one module per noun.
 
+pub mod compose;
 pub mod disk;
 pub mod layer;
 pub mod serve;

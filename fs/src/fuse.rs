@@ -1,0 +1,975 @@
+//! The FUSE front: maps kernel requests onto the view, and moves file data.
+//!
+//! Files backed by a local file — upper files, and lower files once
+//! materialised in the file cache — are opened with FUSE passthrough: the
+//! kernel reads and writes the backing file itself. The kernel allows one
+//! backing file per inode at a time and no mixing with page-cache opens, so
+//! each inode remembers how it is open (`view::Io`). Other opens go through
+//! the daemon: lower data from chunks (cached by the kernel, since lower
+//! content never changes), upper data by `pread`/`pwrite`.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use nix::errno::Errno;
+
+use crate::cache::FileCache;
+use crate::lower::FileData;
+use crate::upper::Origin;
+use crate::view::{errno, Caller, Ctx, Io, Kind, SetAttr, Src, View};
+
+/// How long the kernel may cache attributes and names. The daemon is the
+/// only writer of its uppers and the kernel sees every change it makes, so
+/// this can be long.
+const TTL: Duration = Duration::from_secs(10);
+/// Largest read or write request.
+const MAX_IO: u32 = 1 << 20;
+
+fn err(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e as i32)
+}
+
+/// An open file.
+enum Handle {
+    /// An upper file (also behind a passthrough open, for fsync).
+    Upper { file: Arc<File> },
+    /// A materialised lower file.
+    Cached { file: File },
+    /// Lower data read from chunks.
+    Lower { data: Arc<FileData> },
+}
+
+/// A directory listing as opened: (inode, kind, name) per entry.
+type Listing = Vec<(u64, Kind, Vec<u8>)>;
+
+/// The mounted file system.
+pub(crate) struct LaminaFs {
+    view: Arc<View>,
+    cache: Arc<FileCache>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
+    next_fh: AtomicU64,
+    passthrough: AtomicBool,
+    statfs_path: PathBuf,
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
+}
+
+fn name_bytes(n: &OsStr) -> &[u8] {
+    n.as_bytes()
+}
+
+impl LaminaFs {
+    pub fn new(view: Arc<View>, cache: Arc<FileCache>, statfs_path: PathBuf) -> LaminaFs {
+        LaminaFs {
+            view,
+            cache,
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            passthrough: AtomicBool::new(false),
+            statfs_path,
+        }
+    }
+
+    fn fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn handle(&self, fh: FileHandle) -> Option<Arc<Handle>> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned()
+    }
+
+    fn put_handle(&self, h: Handle) -> u64 {
+        let fh = self.fh();
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Arc::new(h));
+        fh
+    }
+
+    /// How to open `ino` for reading when it is not an ordinary upper file:
+    /// a materialised copy, else its chunks (asking for a copy).
+    fn lower_target(&self, cx: &mut Ctx<'_>, ino: u64) -> Result<LowerTarget, Errno> {
+        let origin = match &cx.inode(ino)?.src {
+            Src::Upper {
+                origin: Some(o), ..
+            } => (**o).clone(),
+            Src::Lower { entry, .. } => match &entry.kind {
+                lamina_sync::manifest::EntryKind::File { size, content, .. } => Origin {
+                    size: *size,
+                    content: content.clone(),
+                },
+                _ => return Err(Errno::EINVAL),
+            },
+            _ => return Err(Errno::EINVAL),
+        };
+        let key = origin.key();
+        if let Some(p) = self.cache.get(&key) {
+            return Ok(LowerTarget::Cached(p));
+        }
+        let data = cx.file_data(ino)?.ok_or(Errno::EIO)?;
+        self.cache.request(&key, data.clone());
+        Ok(LowerTarget::Chunks(data))
+    }
+
+    /// Opens `ino` (a regular file): returns the handle, the open flags and
+    /// the backing to pass through, if any.
+    fn open_file(
+        &self,
+        cx: &mut Ctx<'_>,
+        ino: u64,
+        write: bool,
+        trunc: bool,
+        reply_backing: &dyn Fn(&File) -> std::io::Result<fuser::BackingId>,
+    ) -> Result<(u64, FopenFlags, Option<Arc<fuser::BackingId>>), Errno> {
+        if cx.inode(ino)?.kind != Kind::File {
+            return Err(Errno::EINVAL);
+        }
+        if write || trunc {
+            if trunc {
+                cx.make_writable_file(ino, 0)?;
+            } else {
+                cx.make_writable_file(ino, u64::MAX)?;
+            }
+        }
+        let upper_real = matches!(cx.inode(ino)?.src, Src::Upper { origin: None, .. });
+        let (handle, target, keep_cache) = if upper_real {
+            let path = cx.upper_file(ino)?.ok_or(Errno::ENOENT)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| errno(&e))?;
+            if trunc {
+                file.set_len(0).map_err(|e| errno(&e))?;
+            }
+            let file = Arc::new(file);
+            cx.inode_mut(ino)?.open_fd = Some(file.clone());
+            (Handle::Upper { file }, Some(path), false)
+        } else {
+            match self.lower_target(cx, ino)? {
+                LowerTarget::Cached(p) => {
+                    let file = File::open(&p).map_err(|e| errno(&e))?;
+                    (Handle::Cached { file }, Some(p), true)
+                }
+                LowerTarget::Chunks(data) => (Handle::Lower { data }, None, true),
+            }
+        };
+        let mut flags = if keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        let inode = cx.inode_mut(ino)?;
+        inode.opens += 1;
+        let backing = match (&mut inode.io, target) {
+            (
+                Io::Passthrough {
+                    backing,
+                    target: t,
+                    count,
+                },
+                target,
+            ) => {
+                if target.as_deref() != Some(t.as_path()) && write {
+                    // The kernel allows one backing file per inode: a lower
+                    // file open for reading cannot also be written.
+                    tracing::warn!(ino, "file is open for reading from the lower layer; refusing to open it for writing until that is closed");
+                    inode.opens -= 1;
+                    return Err(Errno::ETXTBSY);
+                }
+                *count += 1;
+                Some(backing.clone())
+            }
+            (Io::Cached(n), _) => {
+                *n += 1;
+                None
+            }
+            (io @ Io::Idle, Some(t)) if self.passthrough.load(Ordering::Relaxed) => {
+                let file = match &handle {
+                    Handle::Upper { file } => Some(&**file),
+                    Handle::Cached { file } => Some(file),
+                    Handle::Lower { .. } => None,
+                };
+                match file.map(reply_backing) {
+                    Some(Ok(b)) => {
+                        let b = Arc::new(b);
+                        *io = Io::Passthrough {
+                            backing: b.clone(),
+                            target: t,
+                            count: 1,
+                        };
+                        Some(b)
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the kernel refused a passthrough backing file; reading through the daemon from now on");
+                        self.passthrough.store(false, Ordering::Relaxed);
+                        *io = Io::Cached(1);
+                        None
+                    }
+                    None => {
+                        *io = Io::Cached(1);
+                        None
+                    }
+                }
+            }
+            (io, _) => {
+                *io = Io::Cached(1);
+                None
+            }
+        };
+        if backing.is_some() {
+            flags.remove(FopenFlags::FOPEN_KEEP_CACHE);
+        }
+        let fh = self.put_handle(handle);
+        Ok((fh, flags, backing))
+    }
+
+    fn release_file(&self, ino: u64, fh: FileHandle) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        let mut cx = self.view.lock();
+        if let Ok(i) = cx.inode_mut(ino) {
+            i.opens = i.opens.saturating_sub(1);
+            let idle = match &mut i.io {
+                Io::Passthrough { count, .. } | Io::Cached(count) => {
+                    *count = count.saturating_sub(1);
+                    *count == 0
+                }
+                Io::Idle => true,
+            };
+            if idle {
+                i.io = Io::Idle;
+            }
+            if i.opens == 0 {
+                i.open_fd = None;
+                if i.unlinked && i.nlookup == 0 {
+                    cx.st.inodes.remove(&ino);
+                }
+            }
+        }
+    }
+}
+
+enum LowerTarget {
+    Cached(PathBuf),
+    Chunks(Arc<FileData>),
+}
+
+/// Reads up to `len` bytes at `off` from `f`.
+fn pread(f: &File, off: u64, len: u32) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+fn statvfs(path: &Path) -> Result<nix::sys::statvfs::Statvfs, Errno> {
+    nix::sys::statvfs::statvfs(path)
+}
+
+impl Filesystem for LaminaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+            && nix::unistd::geteuid().is_root()
+        {
+            self.passthrough.store(true, Ordering::Relaxed);
+        } else {
+            tracing::info!("FUSE passthrough unavailable; file data goes through the daemon");
+        }
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.view.lock().lookup(parent.0, name_bytes(name)) {
+            Ok((_, attr)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.view.lock().forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.view.lock().attr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let fd = fh.and_then(|h| self.handle(h)).and_then(|h| match &*h {
+            Handle::Upper { file } => Some(file.clone()),
+            _ => None,
+        });
+        let sa = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        let mut cx = self.view.lock();
+        let fd = fd.or_else(|| cx.inode(ino.0).ok().and_then(|i| i.open_fd.clone()));
+        match cx.setattr(ino.0, &sa, fd) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.view.lock().readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut cx = self.view.lock();
+        let r = cx
+            .mknod(
+                parent.0,
+                name_bytes(name),
+                mode & !(umask & 0o777),
+                u64::from(rdev),
+                caller(req),
+            )
+            .and_then(|ino| cx.attr(ino));
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut cx = self.view.lock();
+        let r = cx
+            .mkdir(
+                parent.0,
+                name_bytes(name),
+                mode & !umask & 0o7777,
+                caller(req),
+            )
+            .and_then(|ino| cx.attr(ino));
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.view.lock().unlink(parent.0, name_bytes(name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.view.lock().rmdir(parent.0, name_bytes(name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let mut cx = self.view.lock();
+        let r = cx
+            .symlink(
+                parent.0,
+                name_bytes(link_name),
+                target.as_os_str().as_bytes(),
+                caller(req),
+            )
+            .and_then(|ino| cx.attr(ino));
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.view.lock().rename(
+            parent.0,
+            name_bytes(name),
+            newparent.0,
+            name_bytes(newname),
+            flags.bits(),
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let mut cx = self.view.lock();
+        let r = cx
+            .link(ino.0, newparent.0, name_bytes(newname))
+            .and_then(|()| cx.attr(ino.0));
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let trunc = flags.0 & libc::O_TRUNC != 0;
+        let mut cx = self.view.lock();
+        match self.open_file(&mut cx, ino.0, write, trunc, &|f| reply.open_backing(f)) {
+            Ok((fh, fl, Some(b))) => reply.opened_passthrough(FileHandle(fh), fl, &b),
+            Ok((fh, fl, None)) => reply.opened(FileHandle(fh), fl),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(h) = self.handle(fh) else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        let r = match &*h {
+            Handle::Upper { file } => pread(file, offset, size).map_err(|e| errno(&e)),
+            Handle::Cached { file } => pread(file, offset, size).map_err(|e| errno(&e)),
+            Handle::Lower { data } => self.view.lower.read(data, offset, size),
+        };
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some(h) = self.handle(fh) else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        match &*h {
+            Handle::Upper { file } => match file.write_all_at(data, offset) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(err(errno(&e))),
+            },
+            _ => reply.error(fuser::Errno::EBADF),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.release_file(ino.0, fh);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(h) = self.handle(fh) else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        let r = match &*h {
+            Handle::Upper { file } if datasync => file.sync_data(),
+            Handle::Upper { file } => file.sync_all(),
+            _ => Ok(()),
+        };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(errno(&e))),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let list = self.view.lock().list(ino.0);
+        match list {
+            Ok(l) => {
+                let fh = self.fh();
+                self.dirs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(fh, Arc::new(l));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(list) = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned()
+        else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        let parent = self.view.lock().inode(ino.0).map(|i| i.parent).unwrap_or(1);
+        let dots = [
+            (ino.0, Kind::Dir, b".".to_vec()),
+            (parent.max(1), Kind::Dir, b"..".to_vec()),
+        ];
+        for (i, (child, kind, name)) in dots
+            .iter()
+            .chain(list.iter())
+            .enumerate()
+            .skip(offset as usize)
+        {
+            if reply.add(
+                INodeNo(*child),
+                i as u64 + 1,
+                kind.file_type(),
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(list) = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned()
+        else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        let mut cx = self.view.lock();
+        let parent = cx.inode(ino.0).map(|i| i.parent).unwrap_or(1).max(1);
+        let dots = [(ino.0, b".".to_vec()), (parent, b"..".to_vec())];
+        let entries = dots
+            .iter()
+            .map(|(i, n)| (*i, n, true))
+            .chain(list.iter().map(|(i, _, n)| (*i, n, false)));
+        for (i, (child, name, dot)) in entries.enumerate() {
+            let off = i as u64 + 1;
+            if off <= offset {
+                continue;
+            }
+            let Ok(attr) = cx.attr(child) else { continue };
+            if reply.add(
+                INodeNo(child),
+                off,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+            // The kernel takes a reference on every entry but the dots.
+            if !dot {
+                if let Ok(inode) = cx.inode_mut(child) {
+                    inode.nlookup += 1;
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let dirs = self.view.lock().upper_dirs(ino.0);
+        let r = dirs.and_then(|dirs| {
+            for d in dirs {
+                File::open(&d)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| errno(&e))?;
+            }
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match statvfs(&self.statfs_path) {
+            Ok(s) => reply.statfs(
+                s.blocks(),
+                s.blocks_free(),
+                s.blocks_available(),
+                s.files(),
+                s.files_free(),
+                s.block_size() as u32,
+                lamina_sync::manifest::NAME_MAX as u32,
+                s.fragment_size() as u32,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .view
+            .lock()
+            .setxattr(ino.0, name_bytes(name), value, flags)
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.view.lock().getxattr(ino.0, name_bytes(name)) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.view.lock().listxattr(ino.0) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.view.lock().removexattr(ino.0, name_bytes(name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // `default_permissions`: the kernel checks access itself.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut cx = self.view.lock();
+        let made = cx.create(
+            parent.0,
+            name_bytes(name),
+            mode & !umask & 0o7777,
+            caller(req),
+        );
+        let (ino, file) = match made {
+            Ok(x) => x,
+            Err(e) => return reply.error(err(e)),
+        };
+        let attr = match cx.attr(ino) {
+            Ok(a) => a,
+            Err(e) => return reply.error(err(e)),
+        };
+        let _ = flags;
+        let file = Arc::new(file);
+        let path = cx.upper_file(ino).ok().flatten();
+        let inode = match cx.inode_mut(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(err(e)),
+        };
+        inode.opens = 1;
+        inode.open_fd = Some(file.clone());
+        let backing = match path {
+            Some(p) if self.passthrough.load(Ordering::Relaxed) => match reply.open_backing(&*file)
+            {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    inode.io = Io::Passthrough {
+                        backing: b.clone(),
+                        target: p,
+                        count: 1,
+                    };
+                    Some(b)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the kernel refused a passthrough backing file; writing through the daemon from now on");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                    inode.io = Io::Cached(1);
+                    None
+                }
+            },
+            _ => {
+                inode.io = Io::Cached(1);
+                None
+            }
+        };
+        drop(cx);
+        let fh = self.put_handle(Handle::Upper { file });
+        match backing {
+            Some(b) => reply.created_passthrough(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &b,
+            ),
+            None => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(h) = self.handle(fh) else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        let Handle::Upper { file } = &*h else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        let flags = nix::fcntl::FallocateFlags::from_bits_truncate(mode);
+        match nix::fcntl::fallocate(&**file, flags, offset as i64, length as i64) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Some(h) = self.handle(fh) else {
+            return reply.error(fuser::Errno::EBADF);
+        };
+        let seek_file = |f: &File| {
+            let w = match whence {
+                libc::SEEK_DATA => nix::unistd::Whence::SeekData,
+                libc::SEEK_HOLE => nix::unistd::Whence::SeekHole,
+                libc::SEEK_END => nix::unistd::Whence::SeekEnd,
+                libc::SEEK_CUR => nix::unistd::Whence::SeekCur,
+                _ => nix::unistd::Whence::SeekSet,
+            };
+            nix::unistd::lseek(f, offset, w)
+        };
+        let r = match &*h {
+            Handle::Upper { file } => seek_file(file),
+            Handle::Cached { file } => seek_file(file),
+            Handle::Lower { data } => {
+                let off = offset.max(0) as u64;
+                match whence {
+                    libc::SEEK_DATA => data.next_data(off).map(|o| o as i64).ok_or(Errno::ENXIO),
+                    libc::SEEK_HOLE if off >= data.size => Err(Errno::ENXIO),
+                    libc::SEEK_HOLE => Ok(data.next_hole(off) as i64),
+                    libc::SEEK_END => Ok(data.size as i64 + offset),
+                    _ => Ok(offset),
+                }
+            }
+        };
+        match r {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}
