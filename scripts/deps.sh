@@ -12,11 +12,13 @@
 #                                 to qemu-system-x86's version: a newer qemu-utils
 #                                 from outside the package sources (as on these
 #                                 machines) blocks the install otherwise.
+#   fuse3 fuse-overlayfs        : FUSE mounts (fusermount3) and the peer of
+#                                 `lamina bench fs`
 #   linux-image-amd64 busybox-static e2fsprogs cpio
 #                               : the fixture guest (fixtures/guest/build.sh)
 set -euo pipefail
 pkgs=(librocksdb-dev libclang-dev libzstd-dev pkg-config restic util-linux
-      libnbd-bin python3-libnbd fio openssl
+      libnbd-bin python3-libnbd fio openssl fuse3 fuse-overlayfs
       linux-image-amd64 busybox-static e2fsprogs cpio)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
