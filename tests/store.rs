@@ -550,18 +550,6 @@ fn unreadable_file_fails_the_import_and_leaves_the_ref() {
     assert_eq!(env.json(&["fsck"])["ok"], true);
 }
 
-/// Pack files of a store.
-fn packs(store: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for shard in fs::read_dir(store.join("packs")).unwrap() {
-        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
-            out.push(f.unwrap().path());
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn a_flipped_byte_in_a_pack_is_named_by_fsck() {
     let env = Env::new();
@@ -674,33 +662,6 @@ fn gc_removes_only_what_no_kept_version_needs() {
     // Dry run reports and changes nothing.
     let g = env.json(&["gc", "--dry-run"]);
     assert_eq!(g["chunks_removed"], 0);
-}
-
-/// Chunk records of a pack: (offset, chunk id, stored length). Walks the
-/// format of `sync/src/backend/pack.rs`; frame records are skipped.
-fn records(pack: &[u8]) -> Vec<(usize, String, usize)> {
-    let u32_at = |i: usize| u32::from_le_bytes(pack[i..i + 4].try_into().unwrap()) as usize;
-    let mut out = Vec::new();
-    let mut at = 32;
-    while at + 16 <= pack.len() {
-        match &pack[at..at + 4] {
-            b"LMCK" => {
-                let stored = u32_at(at + 12);
-                out.push((at, hex_of(&pack[at + 16..at + 48]), stored));
-                at += 48 + stored;
-            }
-            b"LMFR" => {
-                let count = u16::from_le_bytes([pack[at + 6], pack[at + 7]]) as usize;
-                at += 16 + 36 * count + u32_at(at + 12);
-            }
-            other => panic!("unknown record {other:?} at {at}"),
-        }
-    }
-    out
-}
-
-fn hex_of(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[test]

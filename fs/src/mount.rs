@@ -268,6 +268,10 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
         MountOption::FSName(format!("lamina:{}", comp.name)),
         MountOption::Subtype("lamina".into()),
         MountOption::DefaultPermissions,
+        // A composed OS tree holds device nodes and setuid programs; only
+        // root can mount, as for any root file system.
+        MountOption::Dev,
+        MountOption::Suid,
     ];
     config.acl = SessionACL::All;
     config.n_threads = Some(

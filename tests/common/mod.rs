@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod fuse;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
@@ -455,4 +457,43 @@ pub fn python_nbd(script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Pack files of a store.
+pub fn packs(store: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for shard in fs::read_dir(store.join("packs")).unwrap() {
+        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Chunk records of a pack: (offset, chunk id, stored length). Walks the
+/// format of `sync/src/backend/pack.rs`; frame records are skipped.
+pub fn records(pack: &[u8]) -> Vec<(usize, String, usize)> {
+    let u32_at = |i: usize| u32::from_le_bytes(pack[i..i + 4].try_into().unwrap()) as usize;
+    let mut out = Vec::new();
+    let mut at = 32;
+    while at + 16 <= pack.len() {
+        match &pack[at..at + 4] {
+            b"LMCK" => {
+                let stored = u32_at(at + 12);
+                out.push((at, hex_of(&pack[at + 16..at + 48]), stored));
+                at += 48 + stored;
+            }
+            b"LMFR" => {
+                let count = u16::from_le_bytes([pack[at + 6], pack[at + 7]]) as usize;
+                at += 16 + 36 * count + u32_at(at + 12);
+            }
+            other => panic!("unknown record {other:?} at {at}"),
+        }
+    }
+    out
+}
+
+pub fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -1,0 +1,153 @@
+//! Helpers for tests of the file view: compositions and mounts.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use super::{is_root, require, Env};
+
+/// Whether FUSE mounts can run here (root and /dev/fuse); CI must have both.
+pub fn fuse_ok() -> bool {
+    require(
+        is_root() && Path::new("/dev/fuse").exists(),
+        "root and /dev/fuse (FUSE mounts)",
+    )
+}
+
+/// A composition mounted by `lamina mount` (a daemon); unmounted on drop.
+pub struct Mount<'a> {
+    env: &'a Env,
+    pub name: String,
+    pub dir: PathBuf,
+    pub pid: i32,
+    mounted: bool,
+}
+
+impl Env {
+    /// A tree layer `name` of `kind`, with `src` imported when given.
+    pub fn tree_layer(&self, name: &str, kind: &str, src: Option<&Path>) {
+        self.create(name, kind, "tree");
+        if let Some(src) = src {
+            self.import(name, src);
+        }
+    }
+
+    /// Mounts composition `comp` on a new directory `mnt-<comp>`.
+    pub fn mount(&self, comp: &str) -> Mount<'_> {
+        let dir = self.path(&format!("mnt-{comp}"));
+        fs::create_dir_all(&dir).unwrap();
+        self.mount_at(comp, &dir)
+    }
+
+    /// Mounts composition `comp` on `dir`.
+    pub fn mount_at(&self, comp: &str, dir: &Path) -> Mount<'_> {
+        let doc = self.json(&[OsStr::new("mount"), OsStr::new(comp), dir.as_os_str()]);
+        let m = &doc["mounted"];
+        assert_eq!(m["name"], comp, "{doc}");
+        Mount {
+            env: self,
+            name: comp.to_owned(),
+            dir: PathBuf::from(m["dir"].as_str().unwrap()),
+            pid: m["pid"].as_i64().unwrap() as i32,
+            mounted: true,
+        }
+    }
+
+    /// `lamina status NAME --json` as (layer → (added, changed, deleted)).
+    pub fn status(&self, comp: &str) -> Vec<(String, Vec<String>, Vec<String>, Vec<String>)> {
+        let doc = self.json(&["status", comp]);
+        let strs = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_owned())
+                .collect()
+        };
+        doc.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["layer"].as_str().unwrap().to_owned(),
+                    strs(&l["added"]),
+                    strs(&l["changed"]),
+                    strs(&l["deleted"]),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Mount<'_> {
+    /// A path inside the mount.
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// `lamina umount`, asserting success.
+    pub fn umount(mut self) {
+        self.mounted = false;
+        self.env.ok(&[OsStr::new("umount"), self.dir.as_os_str()]);
+    }
+
+    /// Kills the daemon with SIGKILL and waits until it is gone.
+    pub fn kill9(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        for _ in 0..500 {
+            if !Path::new(&format!("/proc/{}", self.pid)).exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("daemon {} survived SIGKILL", self.pid);
+    }
+}
+
+impl Drop for Mount<'_> {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        let ok = self
+            .env
+            .run(&[OsStr::new("umount"), self.dir.as_os_str()])
+            .status
+            .success();
+        if !ok {
+            // A test failed with files open: detach so the temporary
+            // directory can go.
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// Runs a shell command as user `nobody` (group `nogroup`); returns
+/// (success, stderr).
+pub fn as_nobody(script: &str) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The errno of an I/O error.
+pub fn errno(e: std::io::Error) -> i32 {
+    e.raw_os_error()
+        .unwrap_or_else(|| panic!("not an OS error: {e}"))
+}
