@@ -123,6 +123,7 @@ fn open_flags_truncate_and_fallocate() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(true)
         .open(m.p("new"))
         .unwrap();
     f.write_all_at(b"abc", 10).unwrap();
@@ -150,6 +151,7 @@ fn open_flags_truncate_and_fallocate() {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(true)
         .open(m.p("alloc"))
         .unwrap();
     fallocate(&f, FallocateFlags::empty(), 0, (2 * MIB) as i64).unwrap();
@@ -405,6 +407,7 @@ fn special_files_statfs_and_fsync() {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(true)
         .open(m.p("synced"))
         .unwrap();
     (&f).write_all(b"durable").unwrap();
@@ -441,11 +444,15 @@ fn sparse_files_and_files_over_4_gib() {
     assert_eq!(map[..2], data_map(&src.join("usr/lib/big.sparse"))[..]);
     assert!(map.iter().any(|&(s, e)| s <= far && e > far), "{map:?}");
     let blocks = fs::metadata(&sparse).unwrap().blocks();
-    assert!(blocks * 512 < 64 * MIB, "holes were filled: {blocks} blocks");
+    assert!(
+        blocks * 512 < 64 * MIB,
+        "holes were filled: {blocks} blocks"
+    );
     // A new file with data only above 4 GiB.
     let f = OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(true)
         .open(m.p("huge"))
         .unwrap();
     f.write_all_at(&random_bytes(MIB as usize, 7), 4 * 1024 * MIB + 4096)

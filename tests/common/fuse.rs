@@ -56,8 +56,8 @@ impl Env {
         }
     }
 
-    /// `lamina status NAME --json` as (layer → (added, changed, deleted)).
-    pub fn status(&self, comp: &str) -> Vec<(String, Vec<String>, Vec<String>, Vec<String>)> {
+    /// `lamina status NAME --json`, one entry per layer.
+    pub fn status(&self, comp: &str) -> Vec<LayerStatus> {
         let doc = self.json(&["status", comp]);
         let strs = |v: &Value| -> Vec<String> {
             v.as_array()
@@ -69,16 +69,23 @@ impl Env {
         doc.as_array()
             .unwrap()
             .iter()
-            .map(|l| {
-                (
-                    l["layer"].as_str().unwrap().to_owned(),
-                    strs(&l["added"]),
-                    strs(&l["changed"]),
-                    strs(&l["deleted"]),
-                )
+            .map(|l| LayerStatus {
+                layer: l["layer"].as_str().unwrap().to_owned(),
+                added: strs(&l["added"]),
+                changed: strs(&l["changed"]),
+                deleted: strs(&l["deleted"]),
             })
             .collect()
     }
+}
+
+/// One layer's pending changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerStatus {
+    pub layer: String,
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub deleted: Vec<String>,
 }
 
 impl Mount<'_> {
