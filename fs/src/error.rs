@@ -29,7 +29,7 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
     /// A rules file is wrong.
-    #[error("{file}:{line}: {reason}")]
+    #[error("rules file {file}, line {line}: {reason}")]
     Rules {
         /// The rules file as given.
         file: String,

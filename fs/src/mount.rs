@@ -60,11 +60,15 @@ pub fn mounted(store_root: &Path, comp: &Composition) -> Option<MountInfo> {
     let f = open_lock(store_root, comp).ok()?;
     match f.try_lock_shared() {
         Ok(()) => None,
-        Err(_) => {
-            let text = fs::read_to_string(info_path(store_root, comp)).ok()?;
-            serde_json::from_str(&text).ok()
-        }
+        Err(_) => recorded(store_root, comp),
     }
+}
+
+/// Where `comp` was last mounted by a daemon that has not cleaned up (it
+/// may have died).
+fn recorded(store_root: &Path, comp: &Composition) -> Option<MountInfo> {
+    let text = fs::read_to_string(info_path(store_root, comp)).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// Takes the composition's lock, failing with [`Error::Mounted`] (and
@@ -348,9 +352,9 @@ impl Mounted {
 /// [`Error::NotMounted`], [`Error::MountPoint`] (busy), store failures.
 pub fn umount(store: &Store, dir: &Path) -> Result<Option<String>> {
     let abs = absolute(dir);
-    let mut owner = None;
+    let mut owner: Option<Composition> = None;
     for comp in compose::list(store)? {
-        if mounted(store.root(), &comp).is_some_and(|m| m.dir == abs) {
+        if recorded(store.root(), &comp).is_some_and(|m| m.dir == abs) {
             owner = Some(comp);
             break;
         }
@@ -374,7 +378,11 @@ pub fn umount(store: &Store, dir: &Path) -> Result<Option<String>> {
         let start = Instant::now();
         loop {
             match f.try_lock_shared() {
-                Ok(()) => break,
+                Ok(()) => {
+                    // A daemon that died left its record behind.
+                    let _ = fs::remove_file(info_path(store.root(), comp));
+                    break;
+                }
                 Err(_) if start.elapsed() < Duration::from_secs(300) => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
@@ -416,7 +424,9 @@ fn is_lamina_mount(dir: &Path) -> bool {
     text.lines().any(|l| {
         let mut f = l.split(' ');
         let point = f.nth(4);
-        let rest = l.split(" - ").nth(1).unwrap_or("");
-        point == Some(&*want) && rest.starts_with("fuse.lamina")
+        // After the separator: file system type, then source.
+        let mut rest = l.split(" - ").nth(1).unwrap_or("").split(' ');
+        let (fstype, source) = (rest.next().unwrap_or(""), rest.next().unwrap_or(""));
+        point == Some(&*want) && fstype.starts_with("fuse") && source.starts_with("lamina:")
     })
 }

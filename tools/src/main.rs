@@ -64,7 +64,11 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
         (None, Some(lamina_nbd::Error::InvalidInput(_))) => 2,
         _ if matches!(
             e.downcast_ref::<lamina_fs::Error>(),
-            Some(lamina_fs::Error::Invalid(_) | lamina_fs::Error::Rules { .. })
+            Some(
+                lamina_fs::Error::Invalid(_)
+                    | lamina_fs::Error::Rules { .. }
+                    | lamina_fs::Error::MountPoint { .. }
+            )
         ) =>
         {
             2

@@ -86,7 +86,11 @@ impl Ctx<'_> {
             fs::create_dir(&tmp).map_err(|e| errno(&e))?;
             let made = upper::apply_meta(&tmp, &meta, false)
                 .map_err(|e| errno(&e))
-                .and_then(|()| rename2(&tmp, &dest, RenameFlags::RENAME_NOREPLACE));
+                .and_then(|()| {
+                    keeping_parent_times(&dest, || {
+                        rename2(&tmp, &dest, RenameFlags::RENAME_NOREPLACE)
+                    })
+                });
             if let Err(e) = made {
                 let _ = fs::remove_dir(&tmp);
                 tracing::error!(dest = %dest.display(), error = %e, "cannot copy a directory up");
@@ -208,11 +212,16 @@ impl Ctx<'_> {
             self.ensure_upper_dir(parent_ino, slot)?;
             let dest = self.v.upper_path(slot, m);
             match &first {
-                Some(f) => fs::hard_link(f, &dest).map_err(|e| errno(&e))?,
+                Some(f) => {
+                    keeping_parent_times(&dest, || fs::hard_link(f, &dest).map_err(|e| errno(&e)))?
+                }
                 None => {
                     let tmp = self.tmp_path();
-                    let made = make_entry(&tmp, &entry, origin.as_deref())
-                        .and_then(|()| rename2(&tmp, &dest, RenameFlags::RENAME_NOREPLACE));
+                    let made = make_entry(&tmp, &entry, origin.as_deref()).and_then(|()| {
+                        keeping_parent_times(&dest, || {
+                            rename2(&tmp, &dest, RenameFlags::RENAME_NOREPLACE)
+                        })
+                    });
                     if let Err(e) = made {
                         let _ = upper::remove_all(&tmp);
                         tracing::error!(dest = %dest.display(), error = %e, "cannot copy an entry up");
@@ -316,6 +325,24 @@ impl Ctx<'_> {
         }
         Ok(Some(cur))
     }
+}
+
+/// Runs `f`, which adds `path` to its upper directory as a copy-up, and
+/// puts the directory's times back: a copy-up changes nothing the view
+/// shows (as in overlayfs, which restores the parent's times likewise).
+fn keeping_parent_times<T>(path: &Path, f: impl FnOnce() -> OpResult<T>) -> OpResult<T> {
+    let parent = path
+        .parent()
+        .and_then(|p| fs::symlink_metadata(p).ok().map(|m| (p, m)));
+    let out = f()?;
+    if let Some((p, m)) = parent {
+        let at = filetime::FileTime::from_last_access_time(&m);
+        let mt = filetime::FileTime::from_last_modification_time(&m);
+        if let Err(e) = filetime::set_symlink_file_times(p, at, mt) {
+            tracing::warn!(dir = %p.display(), error = %e, "cannot restore times after a copy-up");
+        }
+    }
+    Ok(out)
 }
 
 /// Splits `a/b/c` into (`Some(a/b)`, `c`).
