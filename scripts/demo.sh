@@ -10,7 +10,7 @@ cargo build --release --locked -q
 lamina=$PWD/target/release/lamina
 src=${1:-/usr/share/doc}
 work=$(mktemp -d /tmp/lamina-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+trap 'umount "$work/mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
 export LAMINA_STORE=$work/store
 cp -a "$src" "$work/tree"
 set -x
@@ -26,3 +26,17 @@ $lamina layer export os/demo@head~1 "$work/export"
 diff -r --no-dereference "$src" "$work/export" && echo "export of the first version equals $src"
 $lamina fsck
 $lamina gc
+# The file view (FUSE needs root): compose the layer with an empty personal
+# layer, change the mounted tree, commit the change as a new version.
+if [ "$(id -u)" -eq 0 ] && [ -e /dev/fuse ]; then
+  $lamina layer create demo/apps --kind personal --format tree
+  $lamina compose create demo --layer os=os/demo --layer personal=demo/apps
+  mkdir "$work/mnt"
+  $lamina mount demo "$work/mnt"
+  echo "written through the mount" > "$work/mnt/FROM-MOUNT"
+  rm "$work/mnt/NEW-FILE"
+  $lamina status demo
+  $lamina umount "$work/mnt"
+  $lamina commit demo -m "session changes"
+  $lamina layer log demo/apps
+fi

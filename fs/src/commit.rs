@@ -476,7 +476,8 @@ pub fn status(store: &Store, name: &str) -> Result<Vec<SlotChanges>> {
             if matches!(xattr::get(&upper_root, upper::ROOT_META), Ok(Some(_))) {
                 let md = fs::symlink_metadata(&upper_root).ctx(&upper_root, "stat")?;
                 let meta = upper_meta(&upper_root, &md)?;
-                if base.as_ref().is_none_or(|(m, _)| !same_meta(m, &meta)) {
+                // A layer's first version has a root anyway: not news.
+                if base.as_ref().is_some_and(|(m, _)| !same_meta(m, &meta)) {
                     changes.changed.push("/".into());
                 }
             }

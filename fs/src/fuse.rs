@@ -42,6 +42,14 @@ fn err(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e as i32)
 }
 
+/// Answers a request that made or found an entry.
+fn entry(reply: ReplyEntry, r: Result<fuser::FileAttr, Errno>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
 /// An open file.
 enum Handle {
     /// An upper file (also behind a passthrough open, for fsync).
@@ -406,10 +414,7 @@ impl Filesystem for LaminaFs {
                 caller(req),
             )
             .and_then(|ino| cx.attr(ino));
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        entry(reply, r);
     }
 
     fn mkdir(
@@ -430,10 +435,7 @@ impl Filesystem for LaminaFs {
                 caller(req),
             )
             .and_then(|ino| cx.attr(ino));
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -467,10 +469,7 @@ impl Filesystem for LaminaFs {
                 caller(req),
             )
             .and_then(|ino| cx.attr(ino));
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        entry(reply, r);
     }
 
     fn rename(
@@ -507,10 +506,7 @@ impl Filesystem for LaminaFs {
         let r = cx
             .link(ino.0, newparent.0, name_bytes(newname))
             .and_then(|()| cx.attr(ino.0));
-        match r {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
-            Err(e) => reply.error(err(e)),
-        }
+        entry(reply, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

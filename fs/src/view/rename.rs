@@ -23,6 +23,21 @@ use super::copyup::rename2;
 use super::{check_name, errno, join, Ctx, Kind, OpResult, Part, Probe, Src, ROOT};
 use crate::upper::{self, Origin};
 
+/// One rename, resolved: the source `src` at `name` in `parent`, the
+/// destination `newname` in `newparent` (replacing `dst` if any), and both
+/// paths relative to the mount.
+#[derive(Clone, Copy)]
+struct Move<'a> {
+    parent: u64,
+    name: &'a [u8],
+    src: u64,
+    newparent: u64,
+    newname: &'a [u8],
+    dst: Option<u64>,
+    old_rel: &'a [u8],
+    new_rel: &'a [u8],
+}
+
 impl Ctx<'_> {
     /// Renames `name` in `parent` to `newname` in `newparent`. `flags` are
     /// `renameat2` flags (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`).
@@ -67,14 +82,20 @@ impl Ctx<'_> {
         }
         let old_rel = join(&self.path(parent)?, name);
         let new_rel = join(&self.path(newparent)?, newname);
+        let mv = Move {
+            parent,
+            name,
+            src,
+            newparent,
+            newname,
+            dst,
+            old_rel: &old_rel,
+            new_rel: &new_rel,
+        };
         if is_dir {
-            self.rename_dir(
-                parent, name, src, newparent, newname, dst, &old_rel, &new_rel,
-            )
+            self.rename_dir(&mv)
         } else {
-            self.rename_file(
-                parent, name, src, newparent, newname, dst, &old_rel, &new_rel,
-            )
+            self.rename_file(&mv)
         }
     }
 
@@ -120,18 +141,17 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn rename_file(
-        &mut self,
-        parent: u64,
-        name: &[u8],
-        src: u64,
-        newparent: u64,
-        newname: &[u8],
-        dst: Option<u64>,
-        old_rel: &[u8],
-        new_rel: &[u8],
-    ) -> OpResult<()> {
+    fn rename_file(&mut self, mv: &Move<'_>) -> OpResult<()> {
+        let Move {
+            parent,
+            name,
+            src,
+            newparent,
+            newname,
+            dst,
+            old_rel,
+            new_rel,
+        } = *mv;
         self.make_upper(src)?;
         let Src::Upper { slot: s1, .. } = self.inode(src)?.src else {
             return Err(Errno::EIO);
@@ -180,18 +200,17 @@ impl Ctx<'_> {
         self.touch_dir(newparent, w2)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn rename_dir(
-        &mut self,
-        parent: u64,
-        name: &[u8],
-        src: u64,
-        newparent: u64,
-        newname: &[u8],
-        dst: Option<u64>,
-        old_rel: &[u8],
-        new_rel: &[u8],
-    ) -> OpResult<()> {
+    fn rename_dir(&mut self, mv: &Move<'_>) -> OpResult<()> {
+        let Move {
+            parent,
+            name,
+            src,
+            newparent,
+            newname,
+            dst,
+            old_rel,
+            new_rel,
+        } = *mv;
         // The destination is an empty directory: remove it first (it may
         // hold whiteouts over lower entries, which then need hiding again:
         // the moved directory is made opaque if anything shows below).
