@@ -318,6 +318,7 @@ impl Filesystem for LaminaFs {
             && nix::unistd::geteuid().is_root()
         {
             self.passthrough.store(true, Ordering::Relaxed);
+            tracing::info!("FUSE passthrough enabled");
         } else {
             tracing::info!("FUSE passthrough unavailable; file data goes through the daemon");
         }

@@ -11,6 +11,7 @@ mod cmd;
 mod output;
 mod progress;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -31,11 +32,15 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // The mount daemon's stderr is its log file: colours only on a terminal.
+    // fuser warns when the mount it would unmount at exit is already gone
+    // (`lamina umount` removed it): not worth a line by default.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error")),
         )
         .init();
     let out = Out::new(cli.json, cli.quiet);
