@@ -302,6 +302,25 @@ pub enum BenchCommand {
     Import(BenchImportArgs),
     /// Serve a qcow2 file and a store disk beside qemu-nbd; fio and nbdcopy on both
     Nbd(BenchNbdArgs),
+    /// Mount a composition beside fuse-overlayfs and kernel overlayfs on the same lower data (root)
+    Fs(BenchFsArgs),
+}
+
+/// `lamina bench fs`
+#[derive(Debug, Args)]
+pub struct BenchFsArgs {
+    /// Work directory (lower data, store, uppers, mount points) [default: a new temporary directory]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Bytes of the lower file read and of the file written
+    #[arg(long, default_value_t = 1 << 30)]
+    pub size: u64,
+    /// Empty files created, stat'ed and unlinked
+    #[arg(long, default_value_t = 10_000)]
+    pub files: u64,
+    /// Keep the work directory
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `lamina bench nbd`

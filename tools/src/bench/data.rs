@@ -40,7 +40,8 @@ impl Rng {
         (a + (b - a) * f).exp() as u64
     }
 
-    fn fill_random(&mut self, buf: &mut [u8]) {
+    /// Fills `buf` with pseudo-random bytes.
+    pub fn fill_random(&mut self, buf: &mut [u8]) {
         for c in buf.chunks_mut(8) {
             let v = self.next().to_le_bytes();
             c.copy_from_slice(&v[..c.len()]);

@@ -7,8 +7,13 @@
 //! start-up costs count for both. Throughput is source bytes over wall time
 //! (MB = 10^6 bytes); store size is every byte under the store/repository.
 //! Data is read from the page cache by both (it was just generated).
+//!
+//! `bench nbd` (see [`nbd`]) compares Lamina's NBD server with qemu-nbd;
+//! `bench fs` (see [`fs`]) compares a Lamina mount with fuse-overlayfs and
+//! kernel overlayfs.
 
 mod data;
+mod fs;
 mod nbd;
 
 use std::path::{Path, PathBuf};
@@ -38,6 +43,28 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
             let report = result?;
             out.result(&report, || nbd::render(&report))?;
             Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Fs(a) => {
+            fs::require_root()?;
+            let work = work_dir(a.dir.as_deref(), "fs")?;
+            let result = fs::run(&std::env::current_exe()?, &work, a.size, a.files, out);
+            if !a.keep {
+                if let Err(e) = std::fs::remove_dir_all(&work) {
+                    out.note(&format!(
+                        "warning: could not remove {}: {e}",
+                        work.display()
+                    ));
+                }
+            }
+            let report = result?;
+            out.result(&report, || fs::render(&report))?;
+            // The table is printed either way; a workload that failed on
+            // some file system makes the run a failure.
+            Ok(if report.failed() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }
