@@ -231,6 +231,22 @@ fn directories_and_renames() {
     fs::create_dir(m.p("empty2")).unwrap();
     fs::rename(m.p("empty"), m.p("empty2")).unwrap();
     assert!(!m.p("empty").exists());
+    // A directory's st_nlink counts its subdirectories, as on ext4,
+    // through files and subdirectories coming and going.
+    let nlink = |rel: &str| fs::metadata(m.p(rel)).unwrap().nlink();
+    assert_eq!(nlink("var/lib/app"), 2);
+    assert_eq!(nlink("var/lib"), 3);
+    fs::create_dir(m.p("var/lib/app/s1")).unwrap();
+    fs::create_dir(m.p("var/lib/app/s2")).unwrap();
+    fs::write(m.p("var/lib/app/f"), b"f").unwrap();
+    assert_eq!(nlink("var/lib/app"), 4);
+    fs::rename(m.p("var/lib/app/s1"), m.p("var/lib/s1")).unwrap();
+    assert_eq!((nlink("var/lib/app"), nlink("var/lib")), (3, 4));
+    fs::remove_dir(m.p("var/lib/app/s2")).unwrap();
+    fs::remove_file(m.p("var/lib/app/f")).unwrap();
+    assert_eq!(nlink("var/lib/app"), 2);
+    fs::rename(m.p("var/lib/s1"), m.p("var/lib/app")).unwrap();
+    assert_eq!(nlink("var/lib"), 3);
     // Listings agree with lookups.
     let mut names: Vec<_> = fs::read_dir(&m.dir)
         .unwrap()

@@ -96,8 +96,10 @@ impl Mount<'_> {
 
     /// `lamina umount`, asserting success.
     pub fn umount(mut self) {
-        self.mounted = false;
+        // Marked unmounted only once it is: if this fails, the drop (after
+        // the test's open files are closed) tries again.
         self.env.ok(&[OsStr::new("umount"), self.dir.as_os_str()]);
+        self.mounted = false;
     }
 
     /// Kills the daemon with SIGKILL and waits until it is gone.

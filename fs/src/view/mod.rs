@@ -142,6 +142,9 @@ pub(crate) struct DirInfo {
     pub stack: Vec<Part>,
     pub floor: u32,
     pub children: Option<BTreeMap<Vec<u8>, u64>>,
+    /// `st_nlink` as last counted; cleared when a subdirectory comes or
+    /// goes, so creating files in a large directory stays cheap.
+    pub nlink: Option<u32>,
 }
 
 /// Where an inode's content is.
@@ -341,6 +344,7 @@ impl View {
                 stack: v.root_stack(),
                 floor: v.bottom(),
                 children: None,
+                nlink: None,
             })),
         );
         v.lock().st.inodes.insert(ROOT, root);
@@ -588,6 +592,7 @@ impl Ctx<'_> {
         }
         if let Some(d) = self.inode_mut(ino)?.dir_mut() {
             d.children = Some(children);
+            d.nlink = None;
         }
         Ok(())
     }
@@ -694,6 +699,7 @@ impl Ctx<'_> {
                         stack,
                         floor,
                         children: None,
+                        nlink: None,
                     })),
                 )
             }
@@ -714,6 +720,7 @@ impl Ctx<'_> {
         i.src = match (&mut i.src, src) {
             (Src::Dir(old), Src::Dir(mut new)) => {
                 new.children = old.children.take();
+                new.nlink = old.nlink;
                 Src::Dir(new)
             }
             (_, s) => s,
@@ -763,6 +770,7 @@ impl Ctx<'_> {
                     (Src::Dir(old), Src::Dir(mut new)) => {
                         // The caller refreshes loaded listings itself.
                         new.children = old.children.take();
+                        new.nlink = old.nlink;
                         Src::Dir(new)
                     }
                     (_, s) => s,
@@ -862,7 +870,16 @@ impl Ctx<'_> {
     /// Attributes of an inode.
     pub fn attr(&mut self, ino: u64) -> OpResult<FileAttr> {
         let kind = self.inode(ino)?.kind;
-        let src = self.inode(ino)?.src.clone();
+        // A directory's listing can be large: don't copy it.
+        let src = match &self.inode(ino)?.src {
+            Src::Dir(info) => Src::Dir(Box::new(DirInfo {
+                stack: info.stack.iter().take(1).cloned().collect(),
+                floor: info.floor,
+                children: None,
+                nlink: None,
+            })),
+            other => other.clone(),
+        };
         let mut a = match src {
             Src::Upper { slot, origin } => {
                 let i = self.inode(ino)?;
@@ -919,7 +936,7 @@ impl Ctx<'_> {
                         a
                     }
                 };
-                a.nlink = self.dir_nlink(ino, &info)?;
+                a.nlink = self.dir_nlink(ino)?;
                 a
             }
         };
@@ -930,16 +947,25 @@ impl Ctx<'_> {
 
     /// `2 +` subdirectories, as on ext4; counted cheaply when one plane
     /// makes the directory.
-    fn dir_nlink(&mut self, ino: u64, info: &DirInfo) -> OpResult<u32> {
-        if let Some(children) = &info.children {
-            let kids: Vec<u64> = children.values().copied().collect();
-            let dirs = kids
-                .iter()
-                .filter(|k| self.st.inodes.get(k).is_some_and(|i| i.kind == Kind::Dir))
-                .count();
-            return Ok(2 + dirs as u32);
+    fn dir_nlink(&mut self, ino: u64) -> OpResult<u32> {
+        let info = self.dir_info(ino)?;
+        if let Some(n) = info.nlink {
+            return Ok(n);
         }
-        match info.stack.as_slice() {
+        if let Some(children) = &info.children {
+            let inodes = &self.st.inodes;
+            let dirs = children
+                .values()
+                .filter(|k| inodes.get(k).is_some_and(|i| i.kind == Kind::Dir))
+                .count();
+            let n = 2 + dirs as u32;
+            if let Some(d) = self.inode_mut(ino)?.dir_mut() {
+                d.nlink = Some(n);
+            }
+            return Ok(n);
+        }
+        let stack: Vec<Part> = info.stack.iter().take(2).cloned().collect();
+        match stack.as_slice() {
             [Part::Lower { node, .. }] => {
                 let d = self.v.lower.dir(*node)?;
                 let dirs = d
@@ -953,8 +979,7 @@ impl Ctx<'_> {
             [] => Ok(2),
             _ => {
                 self.load_dir(ino)?;
-                let info = self.dir_info(ino)?.clone();
-                self.dir_nlink(ino, &info)
+                self.dir_nlink(ino)
             }
         }
     }

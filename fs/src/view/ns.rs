@@ -146,6 +146,7 @@ impl Ctx<'_> {
                 stack: vec![Part::Upper(ne.slot)],
                 floor: ne.floor,
                 children: Some(Default::default()),
+                nlink: None,
             }))
         } else {
             Src::Upper {
@@ -159,6 +160,9 @@ impl Ctx<'_> {
         if let Some(d) = self.inode_mut(parent)?.dir_mut() {
             if let Some(c) = d.children.as_mut() {
                 c.insert(name.to_vec(), ino);
+            }
+            if kind == Kind::Dir {
+                d.nlink = None;
             }
         }
         self.touch_dir(parent, ne.slot)?;
@@ -370,9 +374,13 @@ impl Ctx<'_> {
 
     /// Forgets that `name` in `parent` is `ino`.
     pub fn drop_child(&mut self, parent: u64, name: &[u8], ino: u64) -> OpResult<()> {
+        let is_dir = self.inode(ino)?.kind == Kind::Dir;
         if let Some(d) = self.inode_mut(parent)?.dir_mut() {
             if let Some(c) = d.children.as_mut() {
                 c.remove(name);
+            }
+            if is_dir {
+                d.nlink = None;
             }
         }
         let i = self.inode_mut(ino)?;

@@ -117,14 +117,19 @@ impl Ctx<'_> {
         newparent: u64,
         newname: &[u8],
     ) -> OpResult<()> {
-        if let Some(d) = self.inode_mut(parent)?.dir_mut() {
-            if let Some(c) = d.children.as_mut() {
-                c.remove(name);
-            }
-        }
-        if let Some(d) = self.inode_mut(newparent)?.dir_mut() {
-            if let Some(c) = d.children.as_mut() {
-                c.insert(newname.to_vec(), ino);
+        let is_dir = self.inode(ino)?.kind == Kind::Dir;
+        for (dir, add) in [(parent, false), (newparent, true)] {
+            if let Some(d) = self.inode_mut(dir)?.dir_mut() {
+                if let Some(c) = d.children.as_mut() {
+                    if add {
+                        c.insert(newname.to_vec(), ino);
+                    } else {
+                        c.remove(name);
+                    }
+                }
+                if is_dir {
+                    d.nlink = None;
+                }
             }
         }
         let i = self.inode_mut(ino)?;
