@@ -57,7 +57,7 @@ enum Handle {
     /// A materialised lower file.
     Cached { file: File },
     /// Lower data read from chunks.
-    Lower { data: Arc<FileData> },
+    Lower { data: Arc<FileData>, key: String },
 }
 
 /// A directory listing as opened: (inode, kind, name) per entry.
@@ -142,7 +142,7 @@ impl LaminaFs {
         }
         let data = cx.file_data(ino)?.ok_or(Errno::EIO)?;
         self.cache.request(&key, data.clone());
-        Ok(LowerTarget::Chunks(data))
+        Ok(LowerTarget::Chunks(data, key))
     }
 
     /// Opens `ino` (a regular file): returns the handle, the open flags and
@@ -185,7 +185,7 @@ impl LaminaFs {
                     let file = File::open(&p).map_err(|e| errno(&e))?;
                     (Handle::Cached { file }, Some(p), true)
                 }
-                LowerTarget::Chunks(data) => (Handle::Lower { data }, None, true),
+                LowerTarget::Chunks(data, key) => (Handle::Lower { data, key }, None, true),
             }
         };
         let mut flags = if keep_cache {
@@ -288,7 +288,7 @@ impl LaminaFs {
 
 enum LowerTarget {
     Cached(PathBuf),
-    Chunks(Arc<FileData>),
+    Chunks(Arc<FileData>, String),
 }
 
 /// Reads up to `len` bytes at `off` from `f`.
@@ -538,7 +538,19 @@ impl Filesystem for LaminaFs {
         let r = match &*h {
             Handle::Upper { file } => pread(file, offset, size).map_err(|e| errno(&e)),
             Handle::Cached { file } => pread(file, offset, size).map_err(|e| errno(&e)),
-            Handle::Lower { data } => self.view.lower.read(data, offset, size),
+            Handle::Lower { data, key } => {
+                // Follow the cache's writer when it is at this file: one
+                // pass over the chunks serves both.
+                let followed = self
+                    .cache
+                    .filling(key)
+                    .and_then(|f| f.read(offset, size))
+                    .and_then(|r| r.ok());
+                match followed {
+                    Some(d) => Ok(d),
+                    None => self.view.lower.read(data, offset, size),
+                }
+            }
         };
         match r {
             Ok(d) => reply.data(&d),
@@ -626,7 +638,14 @@ impl Filesystem for LaminaFs {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(fh, Arc::new(l));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                // Every change to the tree comes through this mount, and the
+                // kernel drops a cached listing when its directory changes:
+                // keep listings cached across opens (a warm `find` then
+                // never asks the daemon).
+                reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                );
             }
             Err(e) => reply.error(err(e)),
         }
@@ -953,7 +972,7 @@ impl Filesystem for LaminaFs {
         let r = match &*h {
             Handle::Upper { file } => seek_file(file),
             Handle::Cached { file } => seek_file(file),
-            Handle::Lower { data } => {
+            Handle::Lower { data, .. } => {
                 let off = offset.max(0) as u64;
                 match whence {
                     libc::SEEK_DATA => data.next_data(off).map(|o| o as i64).ok_or(Errno::ENXIO),
