@@ -247,6 +247,23 @@ fn directories_and_renames() {
     assert_eq!(nlink("var/lib/app"), 2);
     fs::rename(m.p("var/lib/s1"), m.p("var/lib/app")).unwrap();
     assert_eq!(nlink("var/lib"), 3);
+    // Listings (which the kernel may cache) follow every change.
+    let names_in = |rel: &str| {
+        let mut v: Vec<String> = fs::read_dir(m.p(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = names_in("var/lib/app");
+    fs::write(m.p("var/lib/app/listed"), b"").unwrap();
+    assert_eq!(names_in("var/lib/app").len(), before.len() + 1);
+    fs::rename(m.p("var/lib/app/listed"), m.p("var/lib/app/renamed")).unwrap();
+    assert!(names_in("var/lib/app").contains(&"renamed".to_string()));
+    assert!(!names_in("var/lib/app").contains(&"listed".to_string()));
+    fs::remove_file(m.p("var/lib/app/renamed")).unwrap();
+    assert_eq!(names_in("var/lib/app"), before);
     // Listings agree with lookups.
     let mut names: Vec<_> = fs::read_dir(&m.dir)
         .unwrap()

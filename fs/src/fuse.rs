@@ -42,6 +42,28 @@ fn err(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e as i32)
 }
 
+impl LaminaFs {
+    /// The listing of open directory `fh` (of `ino`), made on its first
+    /// read and again when read from the start (`rewinddir`).
+    fn listing(&self, fh: u64, ino: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
+        match self.dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&fh) {
+            None => return Err(Errno::EBADF),
+            Some(Some(l)) if offset > 0 => return Ok(l.clone()),
+            Some(_) => {}
+        }
+        let list = Arc::new(self.view.lock().list(ino)?);
+        if let Some(slot) = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&fh)
+        {
+            *slot = Some(list.clone());
+        }
+        Ok(list)
+    }
+}
+
 /// Answers a request that made or found an entry.
 fn entry(reply: ReplyEntry, r: Result<fuser::FileAttr, Errno>) {
     match r {
@@ -68,7 +90,9 @@ pub(crate) struct LaminaFs {
     view: Arc<View>,
     cache: Arc<FileCache>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
+    /// Open directories: their listing, made at the first read (a kernel
+    /// serving `readdir` from its cache never asks).
+    dirs: Mutex<HashMap<u64, Option<Arc<Listing>>>>,
     next_fh: AtomicU64,
     passthrough: AtomicBool,
     statfs_path: PathBuf,
@@ -630,14 +654,14 @@ impl Filesystem for LaminaFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let list = self.view.lock().list(ino.0);
-        match list {
-            Ok(l) => {
+        let is_dir = self.view.lock().inode(ino.0).map(|i| i.kind == Kind::Dir);
+        match is_dir {
+            Ok(true) => {
                 let fh = self.fh();
                 self.dirs
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(fh, Arc::new(l));
+                    .insert(fh, None);
                 // Every change to the tree comes through this mount, and the
                 // kernel drops a cached listing when its directory changes:
                 // keep listings cached across opens (a warm `find` then
@@ -647,6 +671,7 @@ impl Filesystem for LaminaFs {
                     FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
                 );
             }
+            Ok(false) => reply.error(fuser::Errno::ENOTDIR),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -659,14 +684,9 @@ impl Filesystem for LaminaFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(list) = self
-            .dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-            .cloned()
-        else {
-            return reply.error(fuser::Errno::EBADF);
+        let list = match self.listing(fh.0, ino.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(err(e)),
         };
         let parent = self.view.lock().inode(ino.0).map(|i| i.parent).unwrap_or(1);
         let dots = [
@@ -699,14 +719,9 @@ impl Filesystem for LaminaFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(list) = self
-            .dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-            .cloned()
-        else {
-            return reply.error(fuser::Errno::EBADF);
+        let list = match self.listing(fh.0, ino.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(err(e)),
         };
         let mut cx = self.view.lock();
         let parent = cx.inode(ino.0).map(|i| i.parent).unwrap_or(1).max(1);

@@ -318,6 +318,9 @@ pub struct BenchFsArgs {
     /// Empty files created, stat'ed and unlinked
     #[arg(long, default_value_t = 10_000)]
     pub files: u64,
+    /// Rounds of every workload (file systems in a rotating order); the median is reported
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub runs: u64,
     /// Keep the work directory
     #[arg(long)]
     pub keep: bool,

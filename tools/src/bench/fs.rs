@@ -41,6 +41,12 @@
 //! * **find, warm**: `find DIR -printf ''` over the extracted tree, once to
 //!   warm up, then the median of [`FIND_RUNS`] timed runs.
 //!
+//! Every workload runs `--runs` rounds (default 3), the file systems in a
+//! rotating order, and the median of each is reported: on these shared
+//! machines one run of a workload can be off by 2× either way. Before each
+//! round of the first cold read, Lamina's cache of materialised files is
+//! emptied, so that read really comes from the store's chunks.
+//!
 //! Rates come from fio's JSON (MB = 10^6 bytes) or from wall-clock time in
 //! this process; times are wall-clock around child processes, so their
 //! start-up counts for every file system alike. Ratios are oriented so that
@@ -257,6 +263,8 @@ struct Tarball {
 pub struct FsReport {
     size_bytes: u64,
     files: u64,
+    /// Rounds per workload; each figure is their median.
+    runs: usize,
     work_dir: PathBuf,
     kernel: String,
     fuse_overlayfs_version: String,
@@ -551,6 +559,22 @@ impl Drop for Mounted<'_> {
 }
 
 impl Bench<'_> {
+    /// Empties Lamina's cache of materialised lower files.
+    fn clear_file_cache(&self) -> anyhow::Result<()> {
+        let dir = self.store.join("cache/files");
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in rd {
+            let e = e.with_context(|| format!("listing {}", dir.display()))?;
+            if e.file_name() != "tmp" && e.file_type()?.is_dir() {
+                fs::remove_dir_all(e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+
     fn lamina_cmd(&self) -> Command {
         let mut c = Command::new(&self.lamina);
         c.arg("--store").arg(&self.store).arg("--quiet");
@@ -675,6 +699,11 @@ impl Bench<'_> {
     /// Runs `case` on a new mount of `peer`; returns the values of
     /// `case.rows()` and, for the tar case, the entries `find` saw.
     fn case(&self, case: Case, peer: Peer) -> anyhow::Result<(Vec<f64>, Option<u64>)> {
+        if matches!(case, Case::Read) && peer == Peer::Lamina {
+            // A cold first read comes from the store's chunks: forget the
+            // copy an earlier round materialised.
+            self.clear_file_cache()?;
+        }
         let m = self.mount(peer)?;
         drop_caches()?;
         let big = m.path("big");
@@ -804,6 +833,7 @@ pub fn run(
     work: &Path,
     size: u64,
     files: u64,
+    runs: usize,
     out: &Out,
 ) -> anyhow::Result<FsReport> {
     // Overlay mount options are comma-separated and fio file names
@@ -845,26 +875,30 @@ pub fn run(
     };
     let lamina_import_secs = bench.set_up()?;
 
-    let mut values: Vec<PerPeer<Option<f64>>> = Vec::new();
+    let mut samples: Vec<PerPeer<Vec<f64>>> = Vec::new();
     let mut units = Vec::new();
     let mut names = Vec::new();
     let mut find_entries = PerPeer::default();
     let mut failures = Vec::new();
     for case in CASES {
         let rows = case.rows(size, files);
-        let first = values.len();
+        let first = samples.len();
         for (name, unit) in &rows {
             names.push(name.clone());
             units.push(*unit);
-            values.push(PerPeer::default());
+            samples.push(PerPeer::default());
         }
-        for peer in PEERS {
+        // Rounds rotate the order so that no file system always runs first
+        // (right after another's writeback, say).
+        let order =
+            (0..runs).flat_map(|r| (0..PEERS.len()).map(move |i| PEERS[(i + r) % PEERS.len()]));
+        for peer in order {
             out.summary(&format!("{}: {}…", case.name(), peer.name()));
             match bench.case(case, peer) {
                 Ok((vals, entries)) => {
                     for (i, v) in vals.into_iter().enumerate() {
-                        if let Some(row) = values.get_mut(first + i) {
-                            *row.get_mut(peer) = Some(v);
+                        if let Some(row) = samples.get_mut(first + i) {
+                            row.get_mut(peer).push(v);
                         }
                     }
                     if entries.is_some() {
@@ -885,6 +919,11 @@ pub fn run(
             }
         }
     }
+    let values = samples.iter().map(|row| PerPeer {
+        lamina: median(&row.lamina),
+        fuse_overlayfs: median(&row.fuse_overlayfs),
+        kernel_overlayfs: median(&row.kernel_overlayfs),
+    });
     let rows = names
         .into_iter()
         .zip(units)
@@ -912,6 +951,7 @@ pub fn run(
     Ok(FsReport {
         size_bytes: size,
         files,
+        runs,
         work_dir: work.to_owned(),
         kernel,
         fuse_overlayfs_version,
@@ -923,6 +963,18 @@ pub fn run(
         lamina_file_cache_bytes,
         failures,
     })
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 /// Text form of the report.
@@ -964,7 +1016,8 @@ pub fn render(r: &FsReport) -> String {
     }
     let count = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     s.push_str(&format!(
-        "ratios above 1: Lamina better. find entries: lamina {}, fuse-overlayfs {}, kernel overlayfs {}; lamina file cache {}\n",
+        "medians of {} rounds; ratios above 1: Lamina better. find entries: lamina {}, fuse-overlayfs {}, kernel overlayfs {}; lamina file cache {}\n",
+        r.runs,
         count(r.find_entries.lamina),
         count(r.find_entries.fuse_overlayfs),
         count(r.find_entries.kernel_overlayfs),

@@ -47,7 +47,14 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
         BenchCommand::Fs(a) => {
             fs::require_root()?;
             let work = work_dir(a.dir.as_deref(), "fs")?;
-            let result = fs::run(&std::env::current_exe()?, &work, a.size, a.files, out);
+            let result = fs::run(
+                &std::env::current_exe()?,
+                &work,
+                a.size,
+                a.files,
+                a.runs as usize,
+                out,
+            );
             if !a.keep {
                 if let Err(e) = std::fs::remove_dir_all(&work) {
                     out.note(&format!(
