@@ -60,13 +60,14 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde::Serialize;
 
 use super::data::Rng;
+use super::{run_ok, stdout_of};
 use crate::output::{bytes, Out, UsageError};
 
 /// Length of the random-read run: long enough for a stable IOPS figure at
@@ -298,40 +299,6 @@ pub fn require_root() -> anyhow::Result<()> {
         .into());
     }
     Ok(())
-}
-
-/// Runs `c`; fails with its stderr when it fails.
-fn run_ok(c: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Runs `c` and returns its stdout.
-fn stdout_of(c: &mut Command, what: &str) -> anyhow::Result<String> {
-    let out = c
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Flushes dirty data, then drops the page, dentry and inode caches.

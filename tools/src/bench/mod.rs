@@ -32,14 +32,7 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
         BenchCommand::Nbd(a) => {
             let work = work_dir(a.dir.as_deref(), "nbd")?;
             let result = nbd::run(&std::env::current_exe()?, &work, a.size, a.seconds, out);
-            if !a.keep {
-                if let Err(e) = std::fs::remove_dir_all(&work) {
-                    out.note(&format!(
-                        "warning: could not remove {}: {e}",
-                        work.display()
-                    ));
-                }
-            }
+            finish_work(&work, a.keep, out);
             let report = result?;
             out.result(&report, || nbd::render(&report))?;
             Ok(ExitCode::SUCCESS)
@@ -55,14 +48,7 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
                 a.runs as usize,
                 out,
             );
-            if !a.keep {
-                if let Err(e) = std::fs::remove_dir_all(&work) {
-                    out.note(&format!(
-                        "warning: could not remove {}: {e}",
-                        work.display()
-                    ));
-                }
-            }
+            finish_work(&work, a.keep, out);
             let report = result?;
             out.result(&report, || fs::render(&report))?;
             // The table is printed either way; a workload that failed on
@@ -134,15 +120,14 @@ fn dir_size(dir: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-fn timed(cmd: &mut Command, what: &str) -> anyhow::Result<f64> {
-    let started = Instant::now();
+/// Runs `cmd` with stdin closed and returns its stdout; fails with its
+/// stderr when it fails.
+fn stdout_of(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     let output = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
         .with_context(|| format!("running {what}"))?;
-    let secs = started.elapsed().as_secs_f64();
     if !output.status.success() {
         bail!(
             "{what} failed ({}): {}",
@@ -150,7 +135,33 @@ fn timed(cmd: &mut Command, what: &str) -> anyhow::Result<f64> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(secs)
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Runs `cmd`, discarding its output; fails with its stderr when it fails.
+fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    stdout_of(cmd.stdout(Stdio::null()), what).map(drop)
+}
+
+/// Runs `cmd` like [`run_ok`] and returns its wall time in seconds.
+fn timed(cmd: &mut Command, what: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    run_ok(cmd, what)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Removes the work directory unless asked to keep it (a failure to remove
+/// it is only a warning).
+fn finish_work(work: &Path, keep: bool, out: &Out) {
+    if keep {
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(work) {
+        out.note(&format!(
+            "warning: could not remove {}: {e}",
+            work.display()
+        ));
+    }
 }
 
 struct Tools {
@@ -284,14 +295,7 @@ fn import(out: &Out, a: &BenchImportArgs) -> anyhow::Result<ExitCode> {
             sizes,
         })
     })();
-    if !a.keep {
-        if let Err(e) = std::fs::remove_dir_all(&work) {
-            out.note(&format!(
-                "warning: could not remove {}: {e}",
-                work.display()
-            ));
-        }
-    }
+    finish_work(&work, a.keep, out);
     let report = result?;
     out.result(&report, || {
         let mut s = format!("{}\n", report.restic_version);

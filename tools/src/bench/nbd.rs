@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use super::data::Rng;
+use super::run_ok;
 use crate::output::{bytes, Out};
 
 /// A running NBD server.
@@ -253,17 +254,6 @@ pub struct NbdReport {
     qemu_nbd_rss_10g_bytes: u64,
 }
 
-fn run_ok(c: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = c.output().with_context(|| format!("running {what}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// A raw image of `size` bytes: mixed data with some holes, like a used disk.
 fn make_raw(path: &Path, size: u64, data_fraction: f64) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
@@ -407,33 +397,39 @@ pub fn run(
     // Setup 2: store disk vs qcow2 chain.
     let store = p("store");
     lam(&["init"], &store)?;
-    lam(
-        &[
-            "layer", "create", "base", "--kind", "os", "--format", "disk",
-        ],
-        &store,
-    )?;
-    lam(&["layer", "import", "base", &s(&raw)], &store)?;
-    lam(&["disk", "create", "vm", "--base", "base"], &store)?;
-    img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        &s(&raw),
-        &s(&p("chain-base.qcow2")),
-    ])?;
-    img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "chain-base.qcow2",
-        "-F",
-        "qcow2",
-        &s(&p("chain-top.qcow2")),
-    ])?;
+    // Layer `layer` imported from `raw` with disk `disk` over it, and the
+    // equivalent qcow2 chain `PREFIX-base.qcow2` <- `PREFIX-top.qcow2`.
+    let disk_and_chain = |layer: &str, disk: &str, raw: &PathBuf, prefix: &str| {
+        lam(
+            &["layer", "create", layer, "--kind", "os", "--format", "disk"],
+            &store,
+        )?;
+        lam(&["layer", "import", layer, &s(raw)], &store)?;
+        lam(&["disk", "create", disk, "--base", layer], &store)?;
+        let base = format!("{prefix}-base.qcow2");
+        let top = p(&format!("{prefix}-top.qcow2"));
+        img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &s(raw),
+            &s(&p(&base)),
+        ])?;
+        img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            &base,
+            "-F",
+            "qcow2",
+            &s(&top),
+        ])?;
+        anyhow::Ok(top)
+    };
+    let chain_top = disk_and_chain("base", "vm", &raw, "chain")?;
     let mut rows = Vec::new();
     for (name, lamina_args, qemu_image) in [
         (
@@ -441,7 +437,7 @@ pub fn run(
             vec!["--file".to_owned(), s(&p("file-l.qcow2"))],
             p("file-q.qcow2"),
         ),
-        ("store disk", vec![], p("chain-top.qcow2")),
+        ("store disk", vec![], chain_top),
     ] {
         let ls = p("lamina.sock");
         let qs = p("qemu.sock");
@@ -462,37 +458,13 @@ pub fn run(
     out.summary("measuring memory on a 10 GiB disk…");
     let big = p("big.raw");
     make_raw(&big, 10 << 30, 0.1)?;
-    lam(
-        &["layer", "create", "big", "--kind", "os", "--format", "disk"],
-        &store,
-    )?;
-    lam(&["layer", "import", "big", &s(&big)], &store)?;
-    lam(&["disk", "create", "big", "--base", "big"], &store)?;
-    img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        &s(&big),
-        &s(&p("big-base.qcow2")),
-    ])?;
-    img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "big-base.qcow2",
-        "-F",
-        "qcow2",
-        &s(&p("big-top.qcow2")),
-    ])?;
+    let big_top = disk_and_chain("big", "big", &big, "big")?;
     let _ = std::fs::remove_file(&big);
     let ls = p("lamina-big.sock");
     let qs = p("qemu-big.sock");
     let mut l = lamina_serve(lamina, &store, &[], &ls)?;
     l.uri = format!("nbd+unix:///big?socket={}", ls.display());
-    let mut q = qemu_nbd(&p("big-top.qcow2"), &qs)?;
+    let mut q = qemu_nbd(&big_top, &qs)?;
     q.uri = format!("nbd+unix:///?socket={}", qs.display());
     for srv in [&l, &q] {
         for w in [WORKLOADS[2], WORKLOADS[3], WORKLOADS[1]] {
