@@ -117,38 +117,25 @@ fn qemu_io_patterns_block_status_and_the_dirty_map() {
     let (env, _base) = disk_env();
     let server = Server::start(&env, &[]);
     let uri = server.unix_uri("vm");
-    run_ok(
-        "qemu-io",
+    qemu_io(
+        "raw",
+        &uri,
         &[
-            "-f",
-            "raw",
-            "-c",
             "write -P 0xa1 4096 8192",
-            "-c",
             "write -P 0xb2 20M 1M",
-            "-c",
             "write -z 10M 65536",
-            "-c",
             "discard 40M 131072",
-            "-c",
             "flush",
-            &uri,
         ],
     );
-    let out = run_ok(
-        "qemu-io",
+    let out = qemu_io(
+        "raw",
+        &uri,
         &[
-            "-f",
-            "raw",
-            "-c",
             "read -P 0xa1 4096 8192",
-            "-c",
             "read -P 0xb2 20M 1M",
-            "-c",
             "read -P 0 10M 65536",
-            "-c",
             "read -P 0 40M 131072",
-            &uri,
         ],
     );
     assert!(!out.contains("failed"), "{out}");
@@ -387,16 +374,7 @@ fn unknown_options_and_vanishing_clients_are_handled() {
     let out = python_nbd(RAW_SCRIPT, &[server.socket.to_str().unwrap()]);
     assert_eq!(out.trim(), "ok");
     // The server is still up and the half-sent write was never applied.
-    let out = run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0 16M 1M",
-            &server.unix_uri("vm"),
-        ],
-    );
+    let out = qemu_io("raw", &server.unix_uri("vm"), &["read -P 0 16M 1M"]);
     assert!(!out.contains("failed"), "{out}");
     assert!(server.stop().success());
     let disk = env.json(&["disk", "show", "vm"]);
@@ -432,17 +410,10 @@ print("ok")
     let status = env.json(&["disk", "status", "vm"]);
     assert!(status["clusters"].as_u64().unwrap() >= 49, "{status}");
     let mut server = Server::start(&env, &[]);
-    let out = run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "read -P 0xc3 30M 3M",
-            "-c",
-            "read -P 0x3c 5M 4096",
-            &server.unix_uri("vm"),
-        ],
+    let out = qemu_io(
+        "raw",
+        &server.unix_uri("vm"),
+        &["read -P 0xc3 30M 3M", "read -P 0x3c 5M 4096"],
     );
     assert!(!out.contains("failed"), "{out}");
     assert!(server.stop().success());
@@ -462,18 +433,7 @@ fn disk_commit_reset_and_remove() {
     let (env, _base) = disk_env();
     let mut server = Server::start(&env, &[]);
     let uri = server.unix_uri("vm");
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x77 1M 2M",
-            "-c",
-            "write -z 0 65536",
-            &uri,
-        ],
-    );
+    qemu_io("raw", &uri, &["write -P 0x77 1M 2M", "write -z 0 65536"]);
     // Serving holds the disk: commit, reset and rm refuse, naming the holder.
     for args in [
         vec!["disk", "commit", "vm"],
@@ -530,16 +490,7 @@ fn disk_commit_reset_and_remove() {
     .contains("identical"));
     // Reset drops new changes.
     let mut server = Server::start(&env, &[]);
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x99 0 1M",
-            &server.unix_uri("vm"),
-        ],
-    );
+    qemu_io("raw", &server.unix_uri("vm"), &["write -P 0x99 0 1M"]);
     assert!(server.stop().success());
     env.ok(&["disk", "reset", "vm"]);
     let server = Server::start(&env, &[]);
@@ -595,16 +546,7 @@ fn serve_file_like_qemu_nbd_with_chains_and_refuse_bad_images() {
             top.to_str().unwrap(),
         ],
     );
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x42 2M 1M",
-            top.to_str().unwrap(),
-        ],
-    );
+    qemu_io("qcow2", top.to_str().unwrap(), &["write -P 0x42 2M 1M"]);
     let mut server = Server::start(&env, &["--file", top.to_str().unwrap()]);
     let uri = format!("nbd+unix:///?socket={}", server.socket.display());
     let out = run_ok(
@@ -620,23 +562,13 @@ fn serve_file_like_qemu_nbd_with_chains_and_refuse_bad_images() {
         ],
     );
     assert!(out.contains("identical"), "{out}");
-    run_ok(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x43 8M 64k", &uri],
-    );
+    qemu_io("raw", &uri, &["write -P 0x43 8M 64k"]);
     assert!(server.stop().success());
     run_ok("qemu-img", &["check", top.to_str().unwrap()]);
-    let out = run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "read -P 0x43 8M 64k",
-            "-c",
-            "read -P 0x42 2M 1M",
-            top.to_str().unwrap(),
-        ],
+    let out = qemu_io(
+        "qcow2",
+        top.to_str().unwrap(),
+        &["read -P 0x43 8M 64k", "read -P 0x42 2M 1M"],
     );
     assert!(!out.contains("failed"), "{out}");
     // Import the chain as a layer; export it back as qcow2.
@@ -732,16 +664,7 @@ fn blank_disks_and_commits_to_another_layer() {
     let (code, err) = env.fail(&["disk", "create", "odd", "--size", "1000"]);
     assert_eq!(code, 2, "{err}");
     let mut server = Server::start(&env, &[]);
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5c 1M 64k",
-            &server.unix_uri("blank"),
-        ],
-    );
+    qemu_io("raw", &server.unix_uri("blank"), &["write -P 0x5c 1M 64k"]);
     assert!(server.stop().success());
     // A disk without a base needs to be told where its commit goes.
     let (code, err) = env.fail(&["disk", "commit", "blank"]);

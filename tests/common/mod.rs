@@ -442,6 +442,19 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
 }
 
 /// Runs a Python script with Debian's interpreter (the one with libnbd's
+/// Runs `qemu-io -f FORMAT -c CMD... TARGET`; asserts it ran and that no
+/// command failed (qemu-io exits 0 when a read pattern mismatches).
+pub fn qemu_io(format: &str, target: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", format];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(target);
+    let out = run_ok("qemu-io", &args);
+    assert!(!out.contains("failed"), "qemu-io {cmds:?}: {out}");
+    out
+}
+
 /// `nbd` module); asserts success; returns stdout.
 pub fn python_nbd(script: &str, args: &[&str]) -> String {
     let out = Command::new("/usr/bin/python3")
