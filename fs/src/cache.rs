@@ -241,7 +241,7 @@ fn materialize(
             let (front, back) = batch.split_at(batch.len() / 2);
             let fetch = |part: &[(u64, lamina_sync::ChunkId, u32)]| {
                 part.iter()
-                    .map(|&(off, chunk, len)| lower.chunk(chunk, len).map(|b| (off, b)))
+                    .map(|&(off, chunk, len)| lower.fetch(chunk, len).map(|b| (off, b)))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
             };

@@ -175,12 +175,9 @@ impl Lower {
         }))
     }
 
-    /// The bytes of a data chunk, checked against the length the manifest
-    /// gives.
-    pub fn chunk(&self, id: ChunkId, len: u32) -> Result<Arc<Vec<u8>>, Errno> {
-        if let Some(c) = lock(&self.chunks).map.get(&id) {
-            return Ok(c.clone());
-        }
+    /// The verified bytes of chunk `id` (`len` long), read from the store
+    /// without going through the chunk cache (for one-pass readers).
+    pub fn fetch(&self, id: ChunkId, len: u32) -> Result<Vec<u8>, Errno> {
         let data = self.with_refresh(|| self.store.chunk(&id)).map_err(|e| {
             tracing::error!(chunk = %id, error = %e, "cannot read a lower chunk");
             Errno::EIO
@@ -189,7 +186,16 @@ impl Lower {
             tracing::error!(chunk = %id, len = data.len(), expected = len, "lower chunk has the wrong length");
             return Err(Errno::EIO);
         }
-        let data = Arc::new(data);
+        Ok(data)
+    }
+
+    /// The bytes of a data chunk, checked against the length the manifest
+    /// gives.
+    pub fn chunk(&self, id: ChunkId, len: u32) -> Result<Arc<Vec<u8>>, Errno> {
+        if let Some(c) = lock(&self.chunks).map.get(&id) {
+            return Ok(c.clone());
+        }
+        let data = Arc::new(self.fetch(id, len)?);
         let mut c = lock(&self.chunks);
         while c.bytes + data.len() > CHUNK_CACHE_BYTES {
             let Some(old) = c.order.pop_front() else {
