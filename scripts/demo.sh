@@ -10,7 +10,13 @@ cargo build --release --locked -q
 lamina=$PWD/target/release/lamina
 src=${1:-/usr/share/doc}
 work=$(mktemp -d /tmp/lamina-demo.XXXXXX)
-trap 'umount "$work/mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
+cleanup() {
+  [ -z "${serve_pid:-}" ] || kill "$serve_pid" 2>/dev/null || true
+  $lamina vm kill demo >/dev/null 2>&1 || true
+  umount "$work/mnt" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 export LAMINA_STORE=$work/store
 cp -a "$src" "$work/tree"
 set -x
@@ -40,3 +46,29 @@ if [ "$(id -u)" -eq 0 ] && [ -e /dev/fuse ]; then
   $lamina commit demo -m "session changes"
   $lamina layer log demo/apps
 fi
+# The VM runner: the fixture guest (Debian's kernel, a busybox initramfs, an
+# ext4 disk) imported as a disk layer, served over NBD, booted in QEMU (TCG
+# when KVM does not work here), looked at, powered off; its write committed.
+bash fixtures/guest/build.sh "$work/guest" 2>/dev/null
+$lamina layer create os/guest --kind os --format disk
+$lamina layer import os/guest "$work/guest/disk.raw" -m "fixture guest disk"
+$lamina disk create demo-vm --base os/guest
+$lamina serve --socket "$work/nbd.sock" --json > "$work/serve.json" &
+serve_pid=$!
+while ! [ -S "$work/nbd.sock" ]; do sleep 0.1; done
+$lamina vm template create demo-pc --profile pc --memory 256 \
+  --kernel "$work/guest/vmlinuz" --initrd "$work/guest/initrd.img" --append "console=ttyS0 quiet panic=-1"
+$lamina vm create demo --template demo-pc --disk "nbd+unix:///demo-vm?socket=$work/nbd.sock"
+$lamina vm start demo
+log=$($lamina --json vm show demo | sed -n 's/.*"console_log":"\([^"]*\)".*/\1/p')
+set +x
+for _ in $(seq 600); do grep -q LAMINA-GUEST-IDLE "$log" 2>/dev/null && break; sleep 0.5; done
+cat "$log"
+set -x
+$lamina vm ls
+$lamina vm stats demo
+$lamina vm screenshot demo "$work/screen.png"
+$lamina vm stop demo
+kill "$serve_pid"; wait "$serve_pid" || true; serve_pid=
+$lamina disk commit demo-vm -m "the guest's write"
+$lamina layer log os/guest

@@ -63,6 +63,9 @@ pub enum Command {
     Fsck,
     /// Remove chunks no kept version needs
     Gc(GcArgs),
+    /// Run QEMU virtual machines on image files or NBD exports
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Measure Lamina against the tools a user would use instead
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -304,6 +307,25 @@ pub enum BenchCommand {
     Nbd(BenchNbdArgs),
     /// Mount a composition beside fuse-overlayfs and kernel overlayfs on the same lower data (root)
     Fs(BenchFsArgs),
+    /// Start the fixture guest with `lamina vm start` and by hand: time to the serial marker, RSS
+    Vm(BenchVmArgs),
+}
+
+/// `lamina bench vm`
+#[derive(Debug, Args)]
+pub struct BenchVmArgs {
+    /// Directory of the built fixture guest (vmlinuz, initrd.img, disk.raw) [default: build it]
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Work directory [default: a new temporary directory]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// VMs started at once in the second round
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=32))]
+    pub vms: u64,
+    /// Keep the work directory
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `lamina bench fs`
@@ -358,4 +380,151 @@ pub struct BenchImportArgs {
     /// Keep the work directory
     #[arg(long)]
     pub keep: bool,
+}
+
+/// `lamina vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// VM templates: profile, CPUs, memory, kernel, network policy
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Define a VM: a template and a disk (an image file, nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH)
+    Create {
+        /// VM name
+        name: String,
+        /// Template name
+        #[arg(long)]
+        template: String,
+        /// Image file path or NBD URI
+        #[arg(long)]
+        disk: String,
+    },
+    /// Start a VM (returns when QEMU answers QMP)
+    Start {
+        /// VM name
+        name: String,
+    },
+    /// Ask the guest to power off (ACPI); kill QEMU after the timeout
+    Stop {
+        /// VM name
+        name: String,
+        /// Seconds to wait for the guest before killing QEMU
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Kill a VM's QEMU at once
+    Kill {
+        /// VM name
+        name: String,
+    },
+    /// Remove a VM definition and its runtime files (its disk stays)
+    Destroy {
+        /// VM name
+        name: String,
+        /// Kill it first if it runs
+        #[arg(long)]
+        force: bool,
+    },
+    /// List VMs: name, state, pid, uuid, mac, profile, cpu %, RSS
+    Ls,
+    /// Show a VM: definition, state, runtime paths, last exit
+    Show {
+        /// VM name
+        name: String,
+    },
+    /// Figures of a VM (cpu %, RSS, disk and network counters) and of the host
+    Stats {
+        /// VM name
+        name: String,
+        /// Milliseconds over which cpu % is measured
+        #[arg(long, default_value_t = 500)]
+        interval: u64,
+    },
+    /// Attach to a VM's serial console; detach with Ctrl-]
+    Console {
+        /// VM name
+        name: String,
+    },
+    /// Save a VM's screen as a PNG
+    Screenshot {
+        /// VM name
+        name: String,
+        /// Output file
+        file: PathBuf,
+    },
+    /// Watch a VM's QEMU (started by `vm start`; internal)
+    #[command(hide = true)]
+    Monitor {
+        /// VM name
+        name: String,
+        /// Runtime directory
+        #[arg(long)]
+        dir: PathBuf,
+        /// Re-attach to a running QEMU instead of starting one
+        #[arg(long)]
+        attach: bool,
+    },
+    /// Relay one guest connection of `allow:` networking (run by QEMU; internal)
+    #[command(hide = true)]
+    Relay {
+        /// File that byte counts are appended to
+        counters: PathBuf,
+        /// Destination host
+        host: String,
+        /// Destination port
+        port: u16,
+    },
+}
+
+/// `lamina vm template ...`
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Define a template
+    Create(TemplateCreateArgs),
+    /// List templates
+    Ls,
+    /// Show a template
+    Show {
+        /// Template name
+        name: String,
+    },
+    /// Remove a template no VM uses
+    Rm {
+        /// Template name
+        name: String,
+    },
+}
+
+/// `lamina vm template create`
+#[derive(Debug, Args)]
+pub struct TemplateCreateArgs {
+    /// Template name
+    pub name: String,
+    /// pc (1280x800) or phone (720x1280, portrait)
+    #[arg(long)]
+    pub profile: String,
+    /// x86_64 or aarch64
+    #[arg(long, default_value = "x86_64")]
+    pub arch: String,
+    /// Virtual CPUs
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Memory in MiB
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+    /// Kernel to boot directly (else the disk's boot loader)
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (needs --kernel)
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (needs --kernel)
+    #[arg(long)]
+    pub append: Option<String>,
+    /// none, user, or allow:HOST:PORT,... (only those TCP destinations)
+    #[arg(long, default_value = "none")]
+    pub net: String,
+    /// auto (KVM if it works here, else TCG), kvm or tcg
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
 }

@@ -79,6 +79,12 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
             2
         }
         _ if e.downcast_ref::<output::UsageError>().is_some() => 2,
+        _ if e
+            .downcast_ref::<lamina_vm::Error>()
+            .is_some_and(lamina_vm::Error::is_invalid_input) =>
+        {
+            2
+        }
         _ => 1,
     }
 }
@@ -96,6 +102,7 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Commit(a) => cmd::compose::commit(cli, out, a),
         Command::Fsck => cmd::store::fsck(cli, out),
         Command::Gc(args) => cmd::store::gc(cli, out, args),
+        Command::Vm(c) => cmd::vm::run(cli, out, c),
         Command::Bench(c) => bench::run(cli, out, c),
     }
 }

@@ -15,6 +15,7 @@
 mod data;
 mod fs;
 mod nbd;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -58,6 +59,25 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        BenchCommand::Vm(a) => {
+            let guest = a
+                .guest
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("fixtures/guest/out"));
+            let guest = std::path::absolute(&guest)?;
+            let work = work_dir(a.dir.as_deref(), "vm")?;
+            let result = vm::run(
+                &std::env::current_exe()?,
+                &guest,
+                &work,
+                a.vms as usize,
+                out,
+            );
+            finish_work(&work, a.keep, out);
+            let report = result?;
+            out.result(&report, || vm::render(&report))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

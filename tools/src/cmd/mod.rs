@@ -5,6 +5,7 @@ pub mod disk;
 pub mod layer;
 pub mod serve;
 pub mod store;
+pub mod vm;
 
 use std::path::PathBuf;
 
