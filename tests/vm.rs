@@ -118,6 +118,21 @@ impl Vms {
         disk
     }
 
+    /// `vm create NAME --template T` on a new qcow2 overlay; returns the overlay.
+    fn vm_on_overlay(&self, name: &str, template: &str) -> PathBuf {
+        let disk = self.overlay(name);
+        self.ok(&[
+            "vm",
+            "create",
+            name,
+            "--template",
+            template,
+            "--disk",
+            disk.to_str().unwrap(),
+        ]);
+        disk
+    }
+
     fn show(&self, vm: &str) -> Value {
         self.json(&["vm", "show", vm])
     }
@@ -210,16 +225,7 @@ fn boots_from_qcow2_and_from_a_lamina_export() {
     let env = Vms::new();
     env.template("pc", "pc", "none", "");
     // 1. A qcow2 file.
-    let disk = env.overlay("a");
-    env.ok(&[
-        "vm",
-        "create",
-        "a",
-        "--template",
-        "pc",
-        "--disk",
-        disk.to_str().unwrap(),
-    ]);
+    let disk = env.vm_on_overlay("a", "pc");
     let s = env.json(&["vm", "start", "a"]);
     assert_eq!(s["state"], "running", "{s}");
     // The serial console: attach, see the guest's lines, detach with Ctrl-].
@@ -330,25 +336,8 @@ fn two_vms_differ_and_the_allow_list_holds() {
         "user",
         &format!("lamina.probe=10.0.2.2:{other}"),
     );
-    let (da, db) = (env.overlay("p"), env.overlay("q"));
-    env.ok(&[
-        "vm",
-        "create",
-        "p",
-        "--template",
-        "phone",
-        "--disk",
-        da.to_str().unwrap(),
-    ]);
-    env.ok(&[
-        "vm",
-        "create",
-        "q",
-        "--template",
-        "open",
-        "--disk",
-        db.to_str().unwrap(),
-    ]);
+    env.vm_on_overlay("p", "phone");
+    env.vm_on_overlay("q", "open");
     env.ok(&["vm", "start", "p"]);
     env.ok(&["vm", "start", "q"]);
     let text = env.wait_console("p", "LAMINA-GUEST-IDLE", 400);
@@ -435,16 +424,7 @@ fn stop_kill_crash_and_restart_states() {
     }
     let env = Vms::new();
     env.template("pc", "pc", "none", "");
-    let disk = env.overlay("k");
-    env.ok(&[
-        "vm",
-        "create",
-        "k",
-        "--template",
-        "pc",
-        "--disk",
-        disk.to_str().unwrap(),
-    ]);
+    env.vm_on_overlay("k", "pc");
 
     // kill: at once, recorded as asked for.
     env.ok(&["vm", "start", "k"]);
@@ -636,16 +616,7 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
     assert_eq!(n["last_exit"]["code"], 1, "{n}");
 
     // QEMU not installed.
-    let disk = env.overlay("v");
-    env.ok(&[
-        "vm",
-        "create",
-        "v",
-        "--template",
-        "pc",
-        "--disk",
-        disk.to_str().unwrap(),
-    ]);
+    let disk = env.vm_on_overlay("v", "pc");
     let out = env
         .cmd()
         .env("PATH", "/nonexistent")

@@ -427,6 +427,12 @@ pub enum VmCommand {
     },
     /// List VMs: name, state, pid, uuid, mac, profile, cpu %, RSS
     Ls,
+    /// The accelerator VMs with `--accel auto` get here: KVM if the host's probe passed, else TCG
+    Accel {
+        /// Probe again instead of using this boot's cached answer
+        #[arg(long)]
+        reprobe: bool,
+    },
     /// Show a VM: definition, state, runtime paths, last exit
     Show {
         /// VM name

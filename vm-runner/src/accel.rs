@@ -6,9 +6,9 @@
 //! QEMU's firmware (SeaBIOS, with no boot device) under KVM and waits, at
 //! most [`PROBE_TIMEOUT`], for it to report "No bootable device" on its
 //! debug port. With working KVM that takes a fraction of a second; here it
-//! takes about 5 s. The answer is kept per boot of the host.
+//! takes about 5 s. The answer is kept per boot of the host ([`cache_path`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,19 +38,40 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// Where the probe's answer is kept for the host: `/run/lamina` (a tmpfs,
+/// emptied at boot) when it can be written, else `$XDG_RUNTIME_DIR/lamina`,
+/// else `fallback` (a file in the store).
+pub fn cache_path(fallback: &Path) -> PathBuf {
+    let mut dirs = vec![PathBuf::from("/run/lamina")];
+    if let Some(x) = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty()) {
+        dirs.push(PathBuf::from(x).join("lamina"));
+    }
+    for d in dirs {
+        if std::fs::create_dir_all(&d).is_ok()
+            && nix::unistd::access(&d, nix::unistd::AccessFlags::W_OK).is_ok()
+        {
+            return d.join("kvm-probe.json");
+        }
+    }
+    fallback.to_path_buf()
+}
+
 /// The cached probe in `cache` if it is of this boot and this QEMU, else a
-/// new probe (written to `cache`, best effort).
-pub fn cached_or_probe(cache: &Path, qemu: &Path) -> Probe {
+/// new probe (written to `cache`, best effort). The flag says whether the
+/// answer came from the cache.
+pub fn cached_or_probe(cache: &Path, qemu: &Path, reprobe: bool) -> (Probe, bool) {
     let id = boot_id();
     let q = qemu.to_string_lossy().into_owned();
-    if let Some(p) = read_json::<Probe>(cache).filter(|p| p.boot_id == id && p.qemu == q) {
-        return p;
+    if let Some(p) =
+        read_json::<Probe>(cache).filter(|p| p.boot_id == id && p.qemu == q && !reprobe)
+    {
+        return (p, true);
     }
     let p = probe(qemu, PROBE_TIMEOUT);
     if let Err(e) = write_json(cache, &p) {
         tracing::warn!("cannot keep the KVM probe result: {e}");
     }
-    p
+    (p, false)
 }
 
 /// Runs the probe (x86_64 QEMU only; other binaries get `kvm: false`).

@@ -37,6 +37,8 @@ pub struct Round {
 pub struct Report {
     qemu: String,
     accel: String,
+    /// Seconds the host's KVM probe took (once per boot, before the rounds).
+    probe_s: f64,
     rounds: Vec<Round>,
 }
 
@@ -255,6 +257,12 @@ pub fn run(
             "lamina vm create",
         )?;
     }
+    // The KVM probe runs once per host boot; time it apart from the rounds.
+    let probe: serde_json::Value = serde_json::from_str(&super::stdout_of(
+        b.lamina().args(["--json", "vm", "accel", "--reprobe"]),
+        "lamina vm accel",
+    )?)?;
+    let probe_s = probe["seconds"].as_f64().unwrap_or(0.0);
     let mut rounds = Vec::new();
     out.note("1 VM with lamina vm start");
     let (r, shows) = b.round_lamina(&names[..1])?;
@@ -290,13 +298,17 @@ pub fn run(
     Ok(Report {
         qemu,
         accel,
+        probe_s,
         rounds,
     })
 }
 
 /// The table.
 pub fn render(r: &Report) -> String {
-    let mut s = format!("{} ({}), fixture guest, 256 MiB\n", r.qemu, r.accel);
+    let mut s = format!(
+        "{} ({}; the KVM probe, once per host boot, took {:.2} s before these rounds), fixture guest, 256 MiB\n",
+        r.qemu, r.accel, r.probe_s
+    );
     s += &format!(
         "{:<18} {:>4} {:>16} {:>16} {:>14} {:>14}\n",
         "started by", "VMs", "to BOOTED mean", "to IDLE mean", "IDLE max", "RSS/VM mean"

@@ -39,6 +39,7 @@ pub fn run(cli: &Cli, out: &Out, cmd: &VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Kill { name } => run::kill(cli, out, name),
         VmCommand::Destroy { name, force } => destroy(cli, out, name, *force),
         VmCommand::Ls => info::ls(cli, out),
+        VmCommand::Accel { reprobe } => run::accel_probe(cli, out, *reprobe),
         VmCommand::Show { name } => info::show(cli, out, name),
         VmCommand::Stats { name, interval } => info::stats(cli, out, name, *interval),
         VmCommand::Console { name } => info::console(cli, out, name),

@@ -58,7 +58,7 @@ fn accel(root: &Path, t: &Template, qemu: &Path) -> String {
         Accel::Tcg => "tcg".into(),
         Accel::Auto if t.arch != Arch::X86_64 || std::env::consts::ARCH != "x86_64" => "tcg".into(),
         Accel::Auto => {
-            let p = lamina_vm::accel::cached_or_probe(&root.join("vms/kvm-probe.json"), qemu);
+            let (p, _) = lamina_vm::accel::cached_or_probe(&probe_cache(root), qemu, false);
             if p.kvm {
                 "kvm".into()
             } else {
@@ -68,10 +68,32 @@ fn accel(root: &Path, t: &Template, qemu: &Path) -> String {
     }
 }
 
+fn probe_cache(root: &Path) -> PathBuf {
+    lamina_vm::accel::cache_path(&root.join("vms/kvm-probe.json"))
+}
+
+/// `vm accel`: the host's KVM probe (cached per boot), or a new one.
+pub(super) fn accel_probe(cli: &Cli, out: &Out, reprobe: bool) -> anyhow::Result<ExitCode> {
+    let root = crate::cmd::store_path(cli)?;
+    let qemu = lamina_vm::qemu::binary(Arch::X86_64).map_err(vm_err)?;
+    let t0 = std::time::Instant::now();
+    let (p, cached) = lamina_vm::accel::cached_or_probe(&probe_cache(&root), &qemu, reprobe);
+    let accel = if p.kvm { "kvm" } else { "tcg" };
+    let doc = serde_json::json!({
+        "accel": accel, "kvm": p.kvm, "detail": p.detail, "qemu": p.qemu,
+        "cached": cached, "seconds": t0.elapsed().as_secs_f64(),
+    });
+    out.result(&doc, || {
+        let from = if cached { "cached probe" } else { "probed now" };
+        format!("accel {accel} ({from}): {}", p.detail)
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(super) fn start(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode> {
     let (vm, root) = current(cli, out, name)?;
     if vm.state != State::PoweredOff {
-        return Err(UsageError(format!("VM {name} is {} already", vm.state)).into());
+        return Err(UsageError(format!("VM {name} is {}: stop or kill it first", vm.state)).into());
     }
     let t: Template = {
         let store = open(cli, out, Access::Read)?;
