@@ -26,6 +26,7 @@ pub mod control;
 mod error;
 mod fsutil;
 pub mod monitor;
+mod net;
 pub mod procfs;
 pub mod qemu;
 pub mod qmp;

@@ -9,6 +9,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::net::{Net, NetDest};
 
 /// The kind of device a VM stands for; sets the display geometry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,38 +51,6 @@ pub enum Accel {
     Kvm,
     /// TCG (emulation).
     Tcg,
-}
-
-/// One destination of an `allow:` network policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetDest {
-    /// Host name or address, as given.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-}
-
-/// Network policy of a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "mode", content = "allow")]
-pub enum Net {
-    /// No network card.
-    None,
-    /// QEMU user networking: the guest reaches whatever the host reaches.
-    User,
-    /// Only these TCP destinations; everything else is refused. The guest
-    /// reaches destination `i` (0-based) at `10.0.2.(100+i)`, same port.
-    Allow(Vec<NetDest>),
-}
-
-/// Largest number of `allow:` destinations (guest addresses 10.0.2.100–.199).
-pub const MAX_ALLOW: usize = 100;
-
-impl Net {
-    /// The guest-side address of the `i`-th allowed destination.
-    pub fn guest_addr(i: usize) -> String {
-        format!("10.0.2.{}", 100 + i)
-    }
 }
 
 fn parse_enum<T>(what: &str, s: &str, table: &[(&str, T)]) -> Result<T>
@@ -135,69 +104,6 @@ impl FromStr for Accel {
                 ("tcg", Accel::Tcg),
             ],
         )
-    }
-}
-
-impl FromStr for Net {
-    type Err = Error;
-    /// `none`, `user`, or `allow:HOST:PORT,HOST:PORT,...`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "none" => return Ok(Net::None),
-            "user" => return Ok(Net::User),
-            _ => {}
-        }
-        let Some(list) = s.strip_prefix("allow:") else {
-            return Err(Error::Invalid(format!(
-                "unknown network policy {s:?} (expected none, user or allow:HOST:PORT,...)"
-            )));
-        };
-        let mut dests = Vec::new();
-        for item in list.split(',') {
-            let bad =
-                |why: &str| Error::Invalid(format!("network allow-list entry {item:?}: {why}"));
-            let (host, port) = item
-                .rsplit_once(':')
-                .ok_or_else(|| bad("expected HOST:PORT"))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            if host.is_empty()
-                || !host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'))
-            {
-                return Err(bad("bad host name"));
-            }
-            let port: u16 = port
-                .parse()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("port must be 1-65535"))?;
-            dests.push(NetDest {
-                host: host.to_string(),
-                port,
-            });
-        }
-        if dests.len() > MAX_ALLOW {
-            return Err(Error::Invalid(format!(
-                "network allow-list has {} entries; at most {MAX_ALLOW}",
-                dests.len()
-            )));
-        }
-        Ok(Net::Allow(dests))
-    }
-}
-
-impl fmt::Display for Net {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Net::None => f.write_str("none"),
-            Net::User => f.write_str("user"),
-            Net::Allow(d) => {
-                let items: Vec<String> =
-                    d.iter().map(|d| format!("{}:{}", d.host, d.port)).collect();
-                write!(f, "allow:{}", items.join(","))
-            }
-        }
     }
 }
 
@@ -520,26 +426,6 @@ pub struct Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_network_policies() {
-        assert_eq!("none".parse::<Net>().unwrap(), Net::None);
-        assert_eq!("user".parse::<Net>().unwrap(), Net::User);
-        let n: Net = "allow:127.0.0.1:8080,example.org:443".parse().unwrap();
-        assert_eq!(n.to_string(), "allow:127.0.0.1:8080,example.org:443");
-        for bad in [
-            "allow:",
-            "allow:host",
-            "allow:h:0",
-            "allow:h:70000",
-            "allow:a b:1",
-            "wide",
-        ] {
-            let e = bad.parse::<Net>().unwrap_err().to_string();
-            assert!(!e.contains('\n'), "{e}");
-            assert!(e.contains("allow") || e.contains("policy"), "{bad}: {e}");
-        }
-    }
 
     #[test]
     fn macs_are_local_unicast_and_avoid_taken_ones() {
