@@ -644,7 +644,7 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
     one_line(
         env.fail(&["vm", "start", "v"]),
         2,
-        "VM v is running already",
+        "VM v is running: stop or kill it first",
     );
     one_line(
         env.fail(&["vm", "destroy", "v"]),
