@@ -526,6 +526,42 @@ fn disk_commit_reset_and_remove() {
     assert_eq!(env.json(&["fsck"])["ok"], true);
 }
 
+/// `disk commit` prunes the cluster cache in `STORE/cache` and must leave
+/// what other parts keep there alone: the file view materialises lower
+/// files in `STORE/cache/files` (a directory). It once tried to remove that
+/// directory and failed every commit in a store that had mounted a
+/// composition.
+#[test]
+fn disk_commit_leaves_other_caches_alone() {
+    let (env, _base) = disk_env();
+    let files = env.store.join("cache/files");
+    fs::create_dir_all(&files).unwrap();
+    fs::write(files.join("kept"), b"a materialised lower file").unwrap();
+    let mut server = Server::start(&env, &[]);
+    qemu_io("raw", &server.unix_uri("vm"), &["write -P 0x55 0 1M"]);
+    assert!(server.stop().success());
+    // Serving cached clusters of the disk's base version.
+    let cluster_caches = || -> Vec<String> {
+        fs::read_dir(env.store.join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".raw") || n.ends_with(".present"))
+            .collect()
+    };
+    assert_eq!(cluster_caches().len(), 2, "{:?}", cluster_caches());
+    let c = env.json(&["disk", "commit", "vm", "-m", "changes"]);
+    assert!(c["clusters"].as_u64().unwrap() > 0, "{c}");
+    // The base moved to the new version: the old version's cache went, the
+    // file view's stayed.
+    assert_eq!(cluster_caches(), Vec::<String>::new());
+    assert_eq!(
+        fs::read(files.join("kept")).unwrap(),
+        b"a materialised lower file"
+    );
+    env.ok(&["disk", "rm", "vm"]);
+    assert!(files.join("kept").exists());
+}
+
 #[test]
 fn serve_file_like_qemu_nbd_with_chains_and_refuse_bad_images() {
     let env = Env::new();

@@ -354,7 +354,12 @@ pub fn prune_cache(store: &Store) -> Result<()> {
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let version = name.split('.').next().unwrap_or_default().to_owned();
-        if !keep.contains(&version) {
+        // Only cluster caches (files named by a version id) are ours; the
+        // directory is shared (the file view keeps `files/` here).
+        let ours = version.len() == 64
+            && version.bytes().all(|b| b.is_ascii_hexdigit())
+            && e.file_type().is_ok_and(|t| t.is_file());
+        if ours && !keep.contains(&version) {
             let p = e.path();
             fs::remove_file(&p).ctx(&p, "remove cached clusters")?;
         }
