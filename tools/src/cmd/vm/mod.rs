@@ -151,7 +151,7 @@ fn refresh(cli: &Cli, root: &Path, vms: &mut [Vm]) {
         let dir = RunDir::at(&run_dir(root, vm));
         let o = lamina_vm::control::observe(&dir, &r);
         if o.unwatched {
-            if let Err(e) = run::spawn_monitor(cli, root, vm, &dir, true) {
+            if let Err(e) = run::spawn_monitor(root, vm, &dir, true) {
                 tracing::warn!("VM {}: cannot re-attach a monitor: {e:#}", vm.name);
             }
         }

@@ -24,7 +24,6 @@ fn exe() -> anyhow::Result<PathBuf> {
 
 /// Starts a monitor for `vm` (launch, or `attach` to a running QEMU).
 pub(super) fn spawn_monitor(
-    _cli: &Cli,
     root: &Path,
     vm: &Vm,
     dir: &RunDir,
@@ -134,7 +133,7 @@ pub(super) fn start(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode
             accel,
         },
     )?;
-    let monitor = spawn_monitor(cli, &root, &vm, &dir, false)?;
+    let monitor = spawn_monitor(&root, &vm, &dir, false)?;
     let started = lamina_vm::control::start(name, &dir, run_id, monitor);
     let store = open_write(cli, Some(Duration::from_secs(120)))?;
     // The record as it is now (the monitor may have written an exit).
