@@ -16,6 +16,19 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// Something named on the command line does not exist (exit code 1, JSON
+/// kind `not-found`).
+#[derive(Debug)]
+pub struct NotFound(pub String);
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotFound {}
+
 /// Output settings of this run.
 pub struct Out {
     /// JSON mode.
@@ -121,6 +134,8 @@ pub(crate) fn error_kind(e: &anyhow::Error) -> &'static str {
     }
     if e.downcast_ref::<UsageError>().is_some() {
         "invalid-input"
+    } else if e.downcast_ref::<NotFound>().is_some() {
+        "not-found"
     } else {
         "error"
     }

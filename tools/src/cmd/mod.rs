@@ -54,6 +54,16 @@ pub fn default_author() -> String {
 /// Opens the store for `access`, waiting for (and saying who holds) a lock
 /// unless `--no-wait`.
 pub fn open(cli: &Cli, out: &Out, access: Access) -> anyhow::Result<Store> {
+    let wait = if cli.no_wait {
+        LockWait::Fail
+    } else {
+        LockWait::Wait(None)
+    };
+    open_with(cli, out, access, wait)
+}
+
+/// Opens the store for `access`, waiting for a lock as `wait` says.
+pub fn open_with(cli: &Cli, out: &Out, access: Access, wait: LockWait) -> anyhow::Result<Store> {
     let path = store_path(cli)?;
     let quiet = out.quiet;
     let notice = move |holder: &str| {
@@ -64,11 +74,7 @@ pub fn open(cli: &Cli, out: &Out, access: Access) -> anyhow::Result<Store> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let opts = OpenOptions {
         access,
-        wait: if cli.no_wait {
-            LockWait::Fail
-        } else {
-            LockWait::Wait(None)
-        },
+        wait,
         notice: &notice,
         command,
     };

@@ -10,7 +10,7 @@ use lamina_vm::procfs;
 use lamina_vm::{Net, RunDir, State, Template, Vm};
 use serde::Serialize;
 
-use super::{all, current, refresh, run_dir, TEMPLATE_KIND, VM_KIND};
+use super::{all, current, refresh, run_dir, Current, TEMPLATE_KIND, VM_KIND};
 use crate::cli::Cli;
 use crate::cmd::open;
 use crate::output::{bytes, time, Out, UsageError};
@@ -94,7 +94,7 @@ pub(super) fn ls(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn show(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode> {
-    let (vm, root) = current(cli, out, name)?;
+    let Current { vm, root, .. } = current(cli, out, name)?;
     let dir = RunDir::at(&run_dir(&root, &vm));
     let doc = serde_json::json!({
         "vm": vm,
@@ -141,13 +141,7 @@ fn require_running(vm: &Vm) -> anyhow::Result<()> {
 }
 
 pub(super) fn stats(cli: &Cli, out: &Out, name: &str, interval: u64) -> anyhow::Result<ExitCode> {
-    let (vm, root) = current(cli, out, name)?;
-    let template: Option<Template> = {
-        let store = open(cli, out, Access::Read)?;
-        all::<Template>(&store, TEMPLATE_KIND)?
-            .into_iter()
-            .find(|t| t.name == vm.template)
-    };
+    let Current { vm, root, template } = current(cli, out, name)?;
     let dir = RunDir::at(&run_dir(&root, &vm));
     let pid = live_pid(&vm);
     let cpu = pid.and_then(|p| {
@@ -217,7 +211,7 @@ pub(super) fn stats(cli: &Cli, out: &Out, name: &str, interval: u64) -> anyhow::
 }
 
 pub(super) fn console(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode> {
-    let (vm, root) = current(cli, out, name)?;
+    let Current { vm, root, .. } = current(cli, out, name)?;
     require_running(&vm)?;
     let dir = RunDir::at(&run_dir(&root, &vm));
     let tty = std::io::stdin().is_terminal();
@@ -261,7 +255,7 @@ pub(super) fn screenshot(
     name: &str,
     file: &Path,
 ) -> anyhow::Result<ExitCode> {
-    let (vm, root) = current(cli, out, name)?;
+    let Current { vm, root, .. } = current(cli, out, name)?;
     require_running(&vm)?;
     let file = std::path::absolute(file)?;
     lamina_vm::control::screenshot(&RunDir::at(&run_dir(&root, &vm)), &file)?;

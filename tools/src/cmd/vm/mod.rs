@@ -13,14 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use lamina_sync::{Access, LockWait, OpenOptions, Store};
+use lamina_sync::{Access, LockWait, Store};
 use lamina_vm::{Disk, RunDir, State, Template, Vm};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cli::{Cli, TemplateCommand, TemplateCreateArgs, VmCommand};
-use crate::cmd::{open, store_path};
-use crate::output::{Out, UsageError};
+use crate::cmd::{open, open_with};
+use crate::output::{NotFound, Out, UsageError};
 
 const TEMPLATE_KIND: &str = "vm-template";
 const VM_KIND: &str = "vm";
@@ -91,34 +91,16 @@ fn put<T: Serialize>(store: &Store, kind: &str, name: &str, value: &T) -> anyhow
     Ok(())
 }
 
-/// A template or VM that does not exist (exit 1).
-#[derive(Debug)]
-pub struct NotFound(pub String);
-
-impl std::fmt::Display for NotFound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for NotFound {}
-
 /// The runtime directory of a VM.
 fn run_dir(root: &Path, vm: &Vm) -> PathBuf {
     root.join("vms").join(&vm.uuid)
 }
 
-/// Opens the store for writing, waiting at most `wait` (`None`: fail at once).
+/// Opens the store for writing, waiting at most `wait` (`None`: fail at
+/// once), without messages (monitors and listings call this in passing).
 fn open_write(cli: &Cli, wait: Option<std::time::Duration>) -> anyhow::Result<Store> {
-    let path = store_path(cli)?;
-    let notice = |_: &str| {};
-    let opts = OpenOptions {
-        access: Access::Write,
-        wait: wait.map_or(LockWait::Fail, |w| LockWait::Wait(Some(w))),
-        notice: &notice,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
-    };
-    Ok(Store::open(&path, &opts)?)
+    let wait = wait.map_or(LockWait::Fail, |w| LockWait::Wait(Some(w)));
+    open_with(cli, &Out::new(false, true), Access::Write, wait)
 }
 
 /// Saves `vm`'s new state and exit, unless its record moved on to another
@@ -178,14 +160,27 @@ fn refresh(cli: &Cli, root: &Path, vms: &mut [Vm]) {
     }
 }
 
+/// A VM as it is now, read with its template in one store open.
+struct Current {
+    vm: Vm,
+    /// The store directory.
+    root: PathBuf,
+    /// Its template, unless that record is gone.
+    template: Option<Template>,
+}
+
 /// One VM, its state brought up to date.
-fn current(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<(Vm, PathBuf)> {
+fn current(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<Current> {
     let store = open(cli, out, Access::Read)?;
     let root = store.root().to_path_buf();
     let mut vm: Vm = get(&store, VM_KIND, name)?;
+    let template = match store.record(TEMPLATE_KIND, &vm.template)? {
+        Some(v) => Some(decode(TEMPLATE_KIND, &vm.template, &v)?),
+        None => None,
+    };
     drop(store);
     refresh(cli, &root, std::slice::from_mut(&mut vm));
-    Ok((vm, root))
+    Ok(Current { vm, root, template })
 }
 
 fn template(cli: &Cli, out: &Out, cmd: &TemplateCommand) -> anyhow::Result<ExitCode> {
@@ -336,7 +331,7 @@ fn create(
 }
 
 fn destroy(cli: &Cli, out: &Out, name: &str, force: bool) -> anyhow::Result<ExitCode> {
-    let (vm, root) = current(cli, out, name)?;
+    let Current { vm, root, .. } = current(cli, out, name)?;
     if vm.state != State::PoweredOff {
         let Some(r) = vm.run.as_ref().filter(|_| force) else {
             return Err(UsageError(format!(

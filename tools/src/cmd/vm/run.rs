@@ -7,15 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use lamina_sync::Access;
 use lamina_vm::monitor::Launch;
 use lamina_vm::{Accel, Arch, Exit, RunDir, State, Template, Vm};
 use rand::Rng;
 
-use super::{current, get, open_write, put, record_state, run_dir, vm_err, TEMPLATE_KIND, VM_KIND};
+use super::{current, get, open_write, put, record_state, run_dir, vm_err, Current, VM_KIND};
 use crate::cli::Cli;
-use crate::cmd::open;
-use crate::output::{Out, UsageError};
+use crate::output::{NotFound, Out, UsageError};
 
 /// This binary, to run the monitor and relays.
 fn exe() -> anyhow::Result<PathBuf> {
@@ -90,14 +88,11 @@ pub(super) fn accel_probe(cli: &Cli, out: &Out, reprobe: bool) -> anyhow::Result
 }
 
 pub(super) fn start(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode> {
-    let (vm, root) = current(cli, out, name)?;
+    let Current { vm, root, template } = current(cli, out, name)?;
     if vm.state != State::PoweredOff {
         return Err(UsageError(format!("VM {name} is {}: stop or kill it first", vm.state)).into());
     }
-    let t: Template = {
-        let store = open(cli, out, Access::Read)?;
-        get(&store, TEMPLATE_KIND, &vm.template)?
-    };
+    let t = template.ok_or_else(|| NotFound(format!("no template named {:?}", vm.template)))?;
     // Files may have gone since the template was made.
     let t = t.validate().map_err(vm_err)?;
     let qemu = lamina_vm::qemu::binary(t.arch).map_err(vm_err)?;
@@ -187,7 +182,7 @@ fn finish(cli: &Cli, out: &Out, mut vm: Vm, exit: Exit) -> anyhow::Result<ExitCo
 }
 
 pub(super) fn stop(cli: &Cli, out: &Out, name: &str, timeout: u64) -> anyhow::Result<ExitCode> {
-    let (vm, root) = current(cli, out, name)?;
+    let Current { vm, root, .. } = current(cli, out, name)?;
     let r = running(&vm)?.clone();
     let exit = lamina_vm::control::stop(
         &RunDir::at(&run_dir(&root, &vm)),
@@ -198,7 +193,7 @@ pub(super) fn stop(cli: &Cli, out: &Out, name: &str, timeout: u64) -> anyhow::Re
 }
 
 pub(super) fn kill(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode> {
-    let (vm, root) = current(cli, out, name)?;
+    let Current { vm, root, .. } = current(cli, out, name)?;
     let r = running(&vm)?.clone();
     let exit = lamina_vm::control::kill(&RunDir::at(&run_dir(&root, &vm)), &r)?;
     finish(cli, out, vm, exit)
