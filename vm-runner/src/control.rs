@@ -100,13 +100,24 @@ pub fn observe(dir: &RunDir, run: &Run) -> Observation {
             unwatched: !monitor::is_watched(dir),
         };
     }
+    Observation {
+        state: State::PoweredOff,
+        exit: Some(ended(dir, run)),
+        unwatched: false,
+    }
+}
+
+/// How the run `run`, whose QEMU is gone, ended: as its monitor recorded
+/// it, or (no monitor, or none within 2 s) of unknown status.
+fn ended(dir: &RunDir, run: &Run) -> Exit {
     // The monitor writes exit.json right after reaping; give it a moment.
     let deadline = Instant::now() + Duration::from_secs(2);
-    let exit = loop {
+    loop {
+        let watched = monitor::is_watched(dir);
         if let Some(e) = dir.exit(run.run_id) {
-            break e;
+            return e;
         }
-        if Instant::now() > deadline || !monitor::is_watched(dir) {
+        if Instant::now() > deadline || !watched {
             let mut e = Exit {
                 run_id: run.run_id,
                 at_ns: now_ns(),
@@ -116,18 +127,10 @@ pub fn observe(dir: &RunDir, run: &Run) -> Observation {
                 requested: dir.intent(run.run_id),
                 reason: String::new(),
             };
-            e.reason = dir
-                .exit(run.run_id)
-                .map(|x| x.reason)
-                .unwrap_or_else(|| monitor::describe(&e, ""));
-            break e;
+            e.reason = monitor::describe(&e, "");
+            return e;
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    Observation {
-        state: State::PoweredOff,
-        exit: Some(exit),
-        unwatched: false,
     }
 }
 
@@ -177,9 +180,7 @@ pub fn stop(dir: &RunDir, run: &Run, timeout: Duration) -> Result<Exit> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(observe(dir, run)
-        .exit
-        .unwrap_or_else(|| unreachable_exit(run)))
+    Ok(ended(dir, run))
 }
 
 /// Kills QEMU at once (SIGKILL). Returns how the run ended.
@@ -192,22 +193,7 @@ pub fn kill(dir: &RunDir, run: &Run) -> Result<Exit> {
             run.pid
         )));
     }
-    Ok(observe(dir, run)
-        .exit
-        .unwrap_or_else(|| unreachable_exit(run)))
-}
-
-// `observe` of a dead run always gives an exit; this keeps the types honest.
-fn unreachable_exit(run: &Run) -> Exit {
-    Exit {
-        run_id: run.run_id,
-        at_ns: now_ns(),
-        code: None,
-        signal: None,
-        shutdown: None,
-        requested: None,
-        reason: "QEMU went away".into(),
-    }
+    Ok(ended(dir, run))
 }
 
 /// Saves the VM's screen as a PNG at `file` (written whole or not at all).
