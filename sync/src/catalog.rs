@@ -75,6 +75,21 @@ impl Store {
     /// # Errors
     /// [`Error::InvalidName`], [`Error::LayerExists`], catalog failures.
     pub fn create_layer(&self, name: &str, kind: LayerKind, format: LayerFormat) -> Result<Layer> {
+        self.create_layer_as(name, LayerId::random(), kind, format)
+    }
+
+    /// Creates a layer with a given identity: the local copy of a layer
+    /// checked out from another store keeps the identity its versions name.
+    ///
+    /// # Errors
+    /// As [`Store::create_layer`].
+    pub fn create_layer_as(
+        &self,
+        name: &str,
+        id: LayerId,
+        kind: LayerKind,
+        format: LayerFormat,
+    ) -> Result<Layer> {
         self.require_write()?;
         check_layer_name(name)?;
         let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,7 +103,7 @@ impl Store {
             return Err(Error::LayerExists { name: name.into() });
         }
         let layer = Layer {
-            id: LayerId::random(),
+            id,
             name: name.into(),
             kind,
             format,
@@ -193,6 +208,30 @@ impl Store {
                 reason: "missing from the catalog".into(),
             })?;
         Version::decode(id, &v)
+    }
+
+    /// Whether version `id` is in the catalog.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn has_version(&self, id: VersionId) -> Result<bool> {
+        Ok(self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_VERSIONS)?, id.as_bytes())
+            .map_err(self.db_err("read version"))?
+            .is_some())
+    }
+
+    /// The layer named `name`, or `None`.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn find_layer(&self, name: &str) -> Result<Option<Layer>> {
+        match self.layer(name) {
+            Ok(l) => Ok(Some(l)),
+            Err(Error::LayerNotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Resolves a version spec (`head`, `head~2`, an id prefix…) of `layer`.
@@ -447,6 +486,8 @@ impl Store {
         if let Some(end) = prefix_end(&start) {
             batch.inner.delete_range_cf(fc, start, end);
         }
+        self.drop_grants(&mut batch, name)?;
+        self.drop_policy(&mut batch, name)?;
         self.commit(batch)
     }
 }
@@ -489,6 +530,29 @@ impl Batch<'_> {
     pub fn delete_record(&mut self, kind: &str, name: &str) -> Result<()> {
         let c = cf(&self.store.db, CF_RECORDS)?;
         self.inner.delete_cf(c, record_key(kind, name));
+        Ok(())
+    }
+
+    /// Stores a layer record (a layer arriving from another store).
+    ///
+    /// # Errors
+    /// [`Error::LayerExists`] for a taken name, catalog failures.
+    pub fn put_layer(&mut self, layer: &Layer) -> Result<()> {
+        check_layer_name(&layer.name)?;
+        let layers = cf(&self.store.db, CF_LAYERS)?;
+        if self
+            .store
+            .db
+            .get_pinned_cf(layers, layer.name.as_bytes())
+            .map_err(self.store.db_err("read layer"))?
+            .is_some()
+        {
+            return Err(Error::LayerExists {
+                name: layer.name.clone(),
+            });
+        }
+        self.inner
+            .put_cf(layers, layer.name.as_bytes(), encode(layer));
         Ok(())
     }
 

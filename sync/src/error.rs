@@ -34,6 +34,10 @@ pub enum ErrorKind {
     Io,
     /// The input is valid but uses something Lamina cannot store.
     Unsupported,
+    /// A remote server could not be reached, or the connection broke.
+    Unreachable,
+    /// A remote server did not accept the credentials or the access.
+    Denied,
 }
 
 impl ErrorKind {
@@ -48,6 +52,8 @@ impl ErrorKind {
             ErrorKind::Conflict => "conflict",
             ErrorKind::Io => "io",
             ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Denied => "denied",
         }
     }
 }
@@ -204,6 +210,26 @@ pub enum Error {
         /// Actual target.
         found: String,
     },
+    /// A remote server refused or failed a request.
+    #[error("remote {remote}: {message}")]
+    RemoteRefused {
+        /// Remote name (or URL).
+        remote: String,
+        /// HTTP status.
+        status: u16,
+        /// The server's error kind.
+        kind: String,
+        /// The server's message.
+        message: String,
+    },
+    /// A remote server could not be reached, or the connection broke.
+    #[error("remote {remote}: {reason}")]
+    RemoteUnreachable {
+        /// Remote name (or URL).
+        remote: String,
+        /// What went wrong, one line.
+        reason: String,
+    },
     /// A source path cannot be imported.
     #[error("{path}: {reason}")]
     Unsupported {
@@ -268,6 +294,14 @@ impl Error {
             Error::Locked { .. } => ErrorKind::Locked,
             Error::RefConflict { .. } => ErrorKind::Conflict,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::RemoteUnreachable { .. } => ErrorKind::Unreachable,
+            Error::RemoteRefused { status, .. } => match status {
+                401 | 403 => ErrorKind::Denied,
+                404 => ErrorKind::NotFound,
+                409 => ErrorKind::Conflict,
+                400 | 413 | 422 => ErrorKind::InvalidInput,
+                _ => ErrorKind::Io,
+            },
         }
     }
 

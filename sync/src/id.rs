@@ -134,8 +134,22 @@ impl ManifestId {
 }
 
 /// Identity of a layer; random, fixed at creation.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LayerId(pub [u8; 16]);
+
+impl<'de> Deserialize<'de> for LayerId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            let mut out = [0u8; 16];
+            hex::decode_to_slice(&s, &mut out)
+                .map_err(|_| serde::de::Error::custom(format!("`{s}` is not a layer id")))?;
+            Ok(Self(out))
+        } else {
+            <[u8; 16]>::deserialize(d).map(Self)
+        }
+    }
+}
 
 impl Serialize for LayerId {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

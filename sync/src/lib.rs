@@ -44,6 +44,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
+mod auth;
 pub mod backend;
 mod catalog;
 mod changes;
@@ -57,11 +59,20 @@ mod id;
 mod import;
 mod layer;
 pub mod manifest;
+pub mod merge;
+mod policy;
 mod progress;
+pub mod protocol;
 mod reach;
+pub mod remote;
 mod store;
+pub mod transfer;
 mod version;
 
+pub use auth::{
+    check_name, in_own_namespace, AuthError, Caller, Grant, Group, Permission, Principal,
+    TokenInfo, User,
+};
 pub use backend::{BackendProblem, BackendStats, ChunkBackend, ReclaimStats};
 pub use catalog::{now_ns, Batch, ReflogEntry};
 pub use changes::Diff;
@@ -72,6 +83,7 @@ pub use gc::{GcOptions, GcReport};
 pub use id::{ChunkId, LayerId, ManifestId, PackId, ParseIdError, VersionId};
 pub use import::{read_meta, DiskSource, ImportOptions, ImportReport, ImportStats, TreeWriter};
 pub use layer::{check_layer_name, Layer, LayerFormat, LayerKind};
+pub use policy::ConflictPolicy;
 pub use progress::{NoProgress, Progress};
-pub use store::{Access, LockWait, OpenOptions, Store, WaitNotice};
+pub use store::{writer_waiting, Access, GcPin, LockWait, OpenOptions, Store, WaitNotice};
 pub use version::{split_layer_spec, SpecBase, Version, VersionSpec};

@@ -66,6 +66,29 @@ pub enum Command {
     /// Run QEMU virtual machines on image files or NBD exports
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Serve this store to laptops and other stores: the sync API over HTTPS (HTTP/2)
+    Server(ServerArgs),
+    /// Users who may reach this store through `lamina server`
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Groups of users (grants can name a group as @GROUP)
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Bearer tokens of users
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Servers this store syncs with
+    #[command(subcommand)]
+    Remote(RemoteCommand),
+    /// Check layers out of a remote (creating them here), or bring them up to date
+    Pull(TransferArgs),
+    /// Check layers in to a remote (refused if the server moved: use sync)
+    Push(TransferArgs),
+    /// Pull, merge both sides' changes through the mediator, push
+    Sync(SyncArgs),
+    /// Conflicts the mediator met; those of `manual` layers wait here for an admin
+    #[command(subcommand)]
+    Conflicts(ConflictsCommand),
     /// Measure Lamina against the tools a user would use instead
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -98,6 +121,219 @@ pub enum LayerCommand {
     Rm {
         /// Layer name
         name: String,
+    },
+    /// Let a user or @group read or write a layer through the server
+    Grant {
+        /// Layer name
+        layer: String,
+        /// USER or @GROUP
+        principal: String,
+        /// read or write
+        permission: String,
+    },
+    /// Take a user's or group's grant on a layer away
+    Revoke {
+        /// Layer name
+        layer: String,
+        /// USER or @GROUP
+        principal: String,
+    },
+    /// List grants (of one layer, or all)
+    Grants {
+        /// Layer name
+        layer: Option<String>,
+    },
+    /// Change a layer's settings
+    Set {
+        /// Layer name
+        name: String,
+        /// What sync does with a real conflict: server-wins, client-wins, keep-both or manual
+        #[arg(long, value_name = "POLICY")]
+        conflict: String,
+    },
+}
+
+/// `lamina server`
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8443")]
+    pub listen: String,
+    /// TLS certificate chain (PEM)
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Plain HTTP instead of TLS (loopback addresses only, for development)
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure: bool,
+}
+
+/// `lamina user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user
+    Add {
+        /// User name
+        name: String,
+        /// May do everything (manage every layer)
+        #[arg(long)]
+        admin: bool,
+        /// Member of this group (repeat)
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    /// List users
+    Ls,
+    /// Remove a user, its tokens and grants
+    Rm {
+        /// User name
+        name: String,
+    },
+}
+
+/// `lamina group ...`
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Add a group
+    Add {
+        /// Group name
+        name: String,
+    },
+    /// List groups and their members
+    Ls,
+    /// Remove a group (its members stay users)
+    Rm {
+        /// Group name
+        name: String,
+    },
+}
+
+/// `lamina token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for a user; it is printed once and stored only as a hash
+    Create {
+        /// User name
+        user: String,
+        /// Lifetime, e.g. 90d or 12h [default: no expiry]
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+    /// List tokens (ids, users, expiry; never secrets)
+    Ls,
+    /// Revoke a token by id
+    Revoke {
+        /// Token id (as listed) or the token itself
+        id: String,
+    },
+}
+
+/// `lamina remote ...`
+#[derive(Debug, Subcommand)]
+pub enum RemoteCommand {
+    /// Add (or replace) a remote; checks that it answers with this token unless --no-check
+    Add {
+        /// Remote name
+        name: String,
+        /// https://HOST:PORT of a `lamina server`
+        url: String,
+        /// File holding the token (from `lamina token create`)
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// CA certificate (PEM) to trust for this remote instead of the system's
+        #[arg(long, value_name = "CERT")]
+        ca: Option<PathBuf>,
+        /// Allow an http:// URL (a server started with --insecure on loopback)
+        #[arg(long)]
+        insecure: bool,
+        /// Do not contact the remote now
+        #[arg(long)]
+        no_check: bool,
+    },
+    /// List remotes and the layers tracked from each
+    Ls,
+    /// Remove a remote (local layers stay)
+    Rm {
+        /// Remote name
+        name: String,
+    },
+}
+
+/// `lamina pull` / `lamina push`
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// Remote name
+    pub remote: String,
+    /// Layers
+    #[arg(required = true)]
+    pub layers: Vec<String>,
+    /// This machine's name in conflict copies and records [default: the host name]
+    #[arg(long, env = "LAMINA_HOST", value_name = "NAME")]
+    pub host: Option<String>,
+    /// Version author of merges [default: $LAMINA_AUTHOR, else user@host]
+    #[arg(long, env = "LAMINA_AUTHOR")]
+    pub author: Option<String>,
+    /// Retries of a request whose connection failed
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
+}
+
+/// `lamina sync`
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Remote name (with --status: only this one)
+    pub remote: Option<String>,
+    /// Layers [default: every layer tracked from the remote]
+    pub layers: Vec<String>,
+    /// Keep running: sync every --interval and soon after a local head moves, working offline while the server is unreachable
+    #[arg(long, conflicts_with = "status")]
+    pub watch: bool,
+    /// Time between rounds of --watch
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub interval: String,
+    /// Show the watch daemon's last round, queued versions and pending conflicts
+    #[arg(long)]
+    pub status: bool,
+    /// This machine's name in conflict copies and records [default: the host name]
+    #[arg(long, env = "LAMINA_HOST", value_name = "NAME")]
+    pub host: Option<String>,
+    /// Version author of merges [default: $LAMINA_AUTHOR, else user@host]
+    #[arg(long, env = "LAMINA_AUTHOR")]
+    pub author: Option<String>,
+    /// Retries of a request whose connection failed (one-shot sync)
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
+}
+
+/// `lamina conflicts ...`
+#[derive(Debug, Subcommand)]
+pub enum ConflictsCommand {
+    /// List pending conflicts (with --all also those settled by policy)
+    Ls {
+        /// Also settled and resolved ones
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show a conflict; text files come pre-merged with diff3 markers
+    Show {
+        /// Conflict id (a unique prefix will do)
+        id: String,
+    },
+    /// Resolve a pending conflict: merge it into the layer's head
+    Resolve {
+        /// Conflict id
+        id: String,
+        /// server, client, or a FILE whose content the conflicting path takes
+        #[arg(long, value_name = "server|client|FILE")]
+        take: String,
+        /// The conflicting path a FILE is for (when several conflict; the others take the server's side)
+        #[arg(long, value_name = "PATH")]
+        path: Option<String>,
+        /// Version author [default: $LAMINA_AUTHOR, else user@host]
+        #[arg(long, env = "LAMINA_AUTHOR")]
+        author: Option<String>,
     },
 }
 

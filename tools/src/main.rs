@@ -39,8 +39,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // A server logs a line per request by default.
+                tracing_subscriber::EnvFilter::new(match cli.command {
+                    Command::Server(_) => "info,hyper=warn,h2=warn,rustls=warn",
+                    _ => "warn,fuser=error",
+                })
+            }),
         )
         .init();
     let out = Out::new(cli.json, cli.quiet);
@@ -65,6 +70,15 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
     });
     match (sync, e.downcast_ref::<lamina_nbd::Error>()) {
         (Some(lamina_sync::Error::NotAStore { .. }), _) => 2,
+        // The remote refused or failed: the operation failed, the command
+        // line was fine.
+        (
+            Some(
+                lamina_sync::Error::RemoteRefused { .. }
+                | lamina_sync::Error::RemoteUnreachable { .. },
+            ),
+            _,
+        ) => 1,
         (Some(err), _) if err.kind() == ErrorKind::InvalidInput => 2,
         (None, Some(lamina_nbd::Error::InvalidInput(_))) => 2,
         _ if matches!(
@@ -104,5 +118,14 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Gc(args) => cmd::store::gc(cli, out, args),
         Command::Vm(c) => cmd::vm::run(cli, out, c),
         Command::Bench(c) => bench::run(cli, out, c),
+        Command::Server(a) => cmd::server::run(cli, out, a),
+        Command::User(c) => cmd::identity::user(cli, out, c),
+        Command::Group(c) => cmd::identity::group(cli, out, c),
+        Command::Token(c) => cmd::identity::token(cli, out, c),
+        Command::Remote(c) => cmd::remote::run(cli, out, c),
+        Command::Pull(a) => cmd::sync::transfer(cli, out, a, lamina_sync::remote::Mode::Pull),
+        Command::Push(a) => cmd::sync::transfer(cli, out, a, lamina_sync::remote::Mode::Push),
+        Command::Sync(a) => cmd::sync::sync(cli, out, a),
+        Command::Conflicts(c) => cmd::conflicts::run(cli, out, c),
     }
 }

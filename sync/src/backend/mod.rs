@@ -66,6 +66,15 @@ pub trait ChunkBackend: Send + Sync {
     /// errors, I/O errors.
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>>;
 
+    /// The record holding chunk `id` as stored: compressed or plain, alone
+    /// or inside a frame with its neighbours, so it can be copied to
+    /// another store without recompressing. Not verified here: whoever
+    /// receives it verifies every member against its id.
+    ///
+    /// # Errors
+    /// As [`ChunkBackend::get`].
+    fn get_sealed(&self, id: &ChunkId) -> Result<Sealed>;
+
     /// For each id, whether it is stored.
     ///
     /// # Errors

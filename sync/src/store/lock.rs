@@ -63,6 +63,10 @@ pub enum LockWait {
 pub type WaitNotice<'a> = &'a dyn Fn(&str);
 
 pub(crate) const WRITER_LOCK: &str = "lock";
+/// Held shared by every process waiting for [`WRITER_LOCK`], so a
+/// long-running writer that takes the lock again and again (the sync
+/// server) can see that someone waits and let go (see [`writer_waiting`]).
+pub(crate) const WAIT_LOCK: &str = "lock.wait";
 pub(crate) const GC_LOCK: &str = "gc.lock";
 pub(crate) const CATALOG_LOCK: &str = "catalog.lock";
 
@@ -140,6 +144,14 @@ fn acquire(
         Err(TryLockError::WouldBlock) => {}
     }
     let holder = describe(file);
+    // Announce the wait while it lasts (writers only; see WAIT_LOCK).
+    let _waiting = if exclusive && path.ends_with(WRITER_LOCK) {
+        let w = open_lock_file(&root.join(WAIT_LOCK))?;
+        w.lock_shared().ctx(root.join(WAIT_LOCK), "lock")?;
+        Some(w)
+    } else {
+        None
+    };
     let deadline = match wait {
         LockWait::Fail => {
             return Err(Error::Locked {
@@ -233,4 +245,41 @@ pub(crate) fn secondary_dir(root: &Path) -> PathBuf {
         std::process::id(),
         rand::random::<u32>()
     ))
+}
+
+/// Whether another process waits for the writer lock of the store at
+/// `root`.
+pub fn writer_waiting(root: &Path) -> bool {
+    let Ok(f) = open_lock_file(&root.join(WAIT_LOCK)) else {
+        return false;
+    };
+    match f.try_lock() {
+        Ok(()) => {
+            // Dropping the file releases the probe at once.
+            false
+        }
+        Err(TryLockError::WouldBlock) => true,
+        Err(TryLockError::Error(_)) => false,
+    }
+}
+
+/// Keeps garbage collection out of a store without opening it: held by a
+/// server between the requests of a transfer, so chunks uploaded but not
+/// yet referenced by a version are not swept meanwhile. Released on drop.
+#[derive(Debug)]
+pub struct GcPin {
+    _file: File,
+}
+
+impl GcPin {
+    /// Takes `gc.lock` shared, waiting while a gc runs.
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn acquire(root: &Path) -> Result<GcPin> {
+        let path = root.join(GC_LOCK);
+        let f = open_lock_file(&path)?;
+        f.lock_shared().ctx(&path, "lock")?;
+        Ok(GcPin { _file: f })
+    }
 }

@@ -30,7 +30,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::id::{ChunkId, ManifestId};
 use crate::manifest::{Node, NodeSource};
 
-pub use lock::{Access, LockWait, WaitNotice};
+pub use lock::{writer_waiting, Access, GcPin, LockWait, WaitNotice};
 
 /// Name of the marker file.
 const MARKER: &str = "lamina-store";

@@ -5,14 +5,14 @@ use std::time::Instant;
 
 use lamina_sync::manifest::diff::Change;
 use lamina_sync::{
-    split_layer_spec, Access, Diff, ExportOptions, ImportOptions, Layer, LayerFormat, LayerKind,
-    Store, VersionId,
+    split_layer_spec, Access, ConflictPolicy, Diff, ExportOptions, ImportOptions, Layer,
+    LayerFormat, LayerKind, Permission, Principal, Store, VersionId,
 };
 use serde_json::json;
 
 use crate::cli::{Cli, CreateArgs, ExportArgs, ImportArgs, LayerCommand};
 use crate::cmd::{default_author, open};
-use crate::output::{bytes, bytes as bytes_h, time, Out};
+use crate::output::{bytes, bytes as bytes_h, time, NotFound, Out};
 use crate::progress::Bar;
 
 pub fn run(cli: &Cli, out: &Out, c: &LayerCommand) -> anyhow::Result<ExitCode> {
@@ -24,6 +24,14 @@ pub fn run(cli: &Cli, out: &Out, c: &LayerCommand) -> anyhow::Result<ExitCode> {
         LayerCommand::Diff { from, to } => diff(cli, out, from, to),
         LayerCommand::Export(a) => export(cli, out, a),
         LayerCommand::Rm { name } => rm(cli, out, name),
+        LayerCommand::Grant {
+            layer,
+            principal,
+            permission,
+        } => grant(cli, out, layer, principal, permission),
+        LayerCommand::Revoke { layer, principal } => revoke(cli, out, layer, principal),
+        LayerCommand::Grants { layer } => grants(cli, out, layer.as_deref()),
+        LayerCommand::Set { name, conflict } => set(cli, out, name, conflict),
     }?;
     Ok(ExitCode::SUCCESS)
 }
@@ -253,4 +261,63 @@ fn rm(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<()> {
     out.result(&json!({"removed": name}), || {
         format!("removed layer {name}")
     })
+}
+
+fn grant(
+    cli: &Cli,
+    out: &Out,
+    layer: &str,
+    principal: &str,
+    permission: &str,
+) -> anyhow::Result<()> {
+    let p: Principal = principal.parse()?;
+    let perm: Permission = permission.parse()?;
+    let store = open(cli, out, Access::Write)?;
+    store.grant(layer, &p, perm)?;
+    out.result(
+        &json!({ "layer": layer, "principal": p.to_string(), "permission": perm }),
+        || format!("{p} may {perm} {layer}"),
+    )
+}
+
+fn revoke(cli: &Cli, out: &Out, layer: &str, principal: &str) -> anyhow::Result<()> {
+    let p: Principal = principal.parse()?;
+    let store = open(cli, out, Access::Write)?;
+    if !store.revoke_grant(layer, &p)? {
+        return Err(NotFound(format!("{p} has no grant on layer {layer}")).into());
+    }
+    out.result(
+        &json!({ "layer": layer, "principal": p.to_string() }),
+        || format!("revoked {p}'s grant on {layer}"),
+    )
+}
+
+fn grants(cli: &Cli, out: &Out, layer: Option<&str>) -> anyhow::Result<()> {
+    let store = open(cli, out, Access::Read)?;
+    if let Some(l) = layer {
+        store.layer(l)?;
+    }
+    let grants = store.grants(layer)?;
+    out.result(&json!({ "grants": grants }), || {
+        let mut s = format!("{:<32} {:<20} {}\n", "LAYER", "WHO", "PERMISSION");
+        for g in &grants {
+            s.push_str(&format!(
+                "{:<32} {:<20} {}\n",
+                g.layer,
+                g.principal.to_string(),
+                g.permission
+            ));
+        }
+        s
+    })
+}
+
+fn set(cli: &Cli, out: &Out, name: &str, conflict: &str) -> anyhow::Result<()> {
+    let policy: ConflictPolicy = conflict.parse()?;
+    let store = open(cli, out, Access::Write)?;
+    store.set_conflict_policy(name, policy)?;
+    out.result(
+        &json!({ "layer": name, "conflict": policy.as_str() }),
+        || format!("{name}: conflicts are settled {policy}"),
+    )
 }

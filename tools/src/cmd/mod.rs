@@ -1,10 +1,15 @@
 //! Command implementations, one module per noun.
 
 pub mod compose;
+pub mod conflicts;
 pub mod disk;
+pub mod identity;
 pub mod layer;
+pub mod remote;
 pub mod serve;
+pub mod server;
 pub mod store;
+pub mod sync;
 pub mod vm;
 
 use std::path::PathBuf;

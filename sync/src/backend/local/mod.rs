@@ -234,6 +234,17 @@ impl ChunkBackend for LocalBackend {
         self.read_chunk(*id, &entry)
     }
 
+    fn get_sealed(&self, id: &ChunkId) -> Result<Sealed> {
+        if self.writable {
+            let mut st = self.state();
+            if st.pending.contains_key(id) {
+                self.flush_locked(&mut st, false, false)?;
+            }
+        }
+        let entry = self.index_get(id)?.ok_or(Error::ChunkMissing { id: *id })?;
+        self.read_sealed(*id, &entry)
+    }
+
     fn has_many(&self, ids: &[ChunkId]) -> Result<Vec<bool>> {
         let mut out = vec![false; ids.len()];
         let mut ask = Vec::new();

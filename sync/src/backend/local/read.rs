@@ -11,7 +11,7 @@ use super::LocalBackend;
 use crate::backend::pack::{
     pack_path, FrameHeader, IndexEntry, RecordHeader, RecordKind, RECORD_HEADER_LEN,
 };
-use crate::chunk::{unseal, unseal_frame};
+use crate::chunk::{unseal, unseal_frame, Sealed, SealedChunk, SealedFrame};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 
@@ -152,6 +152,41 @@ impl LocalBackend {
         }
         cache.push_back((key, frame.clone()));
         Ok(frame)
+    }
+
+    /// The record of chunk `id` as stored (see `ChunkBackend::get_sealed`).
+    pub(super) fn read_sealed(&self, id: ChunkId, entry: &IndexEntry) -> Result<Sealed> {
+        let record = self.read_record(id, entry)?;
+        match entry.kind {
+            RecordKind::Chunk(_) => {
+                let (header, data) = Self::parse_chunk_record(id, entry, record)?;
+                Ok(Sealed::Chunk(SealedChunk {
+                    id,
+                    plain_len: header.plain_len,
+                    compression: header.compression,
+                    data,
+                }))
+            }
+            RecordKind::Frame { .. } => {
+                let header =
+                    FrameHeader::parse(&record).map_err(|r| Self::corrupt(entry, id, r))?;
+                if header.record_len() != u64::from(entry.record_len)
+                    || !header.members.iter().any(|(m, _)| *m == id)
+                {
+                    return Err(Self::corrupt(
+                        entry,
+                        id,
+                        "frame does not match the index entry",
+                    ));
+                }
+                let data = record[header.table_end()..].to_vec();
+                Ok(Sealed::Frame(SealedFrame {
+                    members: header.members,
+                    plain_len: header.plain_len,
+                    data,
+                }))
+            }
+        }
     }
 
     /// The plain bytes of chunk `id`, verified against the id.

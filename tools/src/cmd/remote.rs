@@ -1,0 +1,98 @@
+//! `lamina remote ...`: the servers this store syncs with.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use lamina_sync::remote::{check_url, ConnectOptions, Connection, RemoteConfig};
+use lamina_sync::Access;
+use serde_json::json;
+
+use crate::cli::{Cli, RemoteCommand};
+use crate::cmd::open;
+use crate::output::{Out, UsageError};
+
+pub fn run(cli: &Cli, out: &Out, c: &RemoteCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        RemoteCommand::Add {
+            name,
+            url,
+            token_file,
+            ca,
+            insecure,
+            no_check,
+        } => {
+            let url = check_url(url, *insecure)?;
+            let token = std::fs::read_to_string(token_file)
+                .with_context(|| format!("reading the token file {}", token_file.display()))?
+                .trim()
+                .to_owned();
+            if token.is_empty() {
+                return Err(UsageError(format!(
+                    "the token file {} is empty",
+                    token_file.display()
+                ))
+                .into());
+            }
+            let ca_pem = match ca {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading the CA certificate {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let mut cfg = RemoteConfig {
+                name: name.clone(),
+                url,
+                token,
+                ca_pem,
+                user: None,
+                added_ns: lamina_sync::now_ns(),
+            };
+            if !no_check {
+                let conn = Connection::open(
+                    &cfg,
+                    &ConnectOptions {
+                        retries: 0,
+                        ..ConnectOptions::default()
+                    },
+                )?;
+                let me = conn.whoami()?;
+                cfg.user = Some(me.user);
+            }
+            let store = open(cli, out, Access::Write)?;
+            store.add_remote(&cfg)?;
+            out.result(
+                &json!({ "name": cfg.name, "url": cfg.url, "user": cfg.user, "ca": cfg.ca_pem.is_some() }),
+                || match &cfg.user {
+                    Some(u) => format!("added remote {} ({} as {u})", cfg.name, cfg.url),
+                    None => format!("added remote {} ({}, not checked)", cfg.name, cfg.url),
+                },
+            )?;
+        }
+        RemoteCommand::Ls => {
+            let store = open(cli, out, Access::Read)?;
+            let remotes = store.remotes()?;
+            out.result(&json!({ "remotes": remotes }), || {
+                let mut s = format!("{:<12} {:<32} {:<12} {}\n", "NAME", "URL", "USER", "LAYERS");
+                for r in &remotes {
+                    s.push_str(&format!(
+                        "{:<12} {:<32} {:<12} {}\n",
+                        r.name,
+                        r.url,
+                        r.user.as_deref().unwrap_or("-"),
+                        r.layers.join(",")
+                    ));
+                }
+                s
+            })?;
+        }
+        RemoteCommand::Rm { name } => {
+            let store = open(cli, out, Access::Write)?;
+            store.remove_remote(name)?;
+            out.result(&json!({ "removed": name }), || {
+                format!("removed remote {name}")
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
