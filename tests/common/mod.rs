@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fuse;
+pub mod net;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
