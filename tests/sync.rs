@@ -1,6 +1,9 @@
 //! Two-way differential sync end to end: a `lamina server` process over TLS
 //! with generated certificates, laptop stores as separate processes.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs;

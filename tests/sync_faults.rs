@@ -4,6 +4,9 @@
 //! acknowledged is lost, refs never move half-way, fsck stays clean, and a
 //! re-run sends only what is still missing.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::fs;
