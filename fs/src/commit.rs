@@ -1,16 +1,27 @@
-//! Pending changes: `lamina status` lists them per layer; `lamina commit`
-//! turns each layer's upper into a new version of the layer.
+//! `lamina commit`: turns each layer's upper into a new version of the
+//! layer, unmounted or — by the mount daemon — while mounted.
 //!
-//! Commit merges an upper into the layer's current head, bottom slot
-//! first: upper files replace lower ones (placeholders keep their lower
-//! chunks, real files are chunked like an import), upper directories merge
-//! with lower ones unless opaque, whiteouts delete. A whiteout or opaque
-//! flag is kept in the new version only where a layer below in the
-//! composition still has the path (otherwise it would hide nothing). All
-//! new versions and head moves are one catalog batch. The uppers are
-//! emptied afterwards; a crash in between leaves the old uppers over the
-//! new heads, which shows the same tree, and the next commit then finds
-//! nothing changed.
+//! A commit applies an upper onto the version its mount shows under it
+//! (the *view base*, see [`crate::marker`]; the head when there is no
+//! marker): upper files replace lower ones (placeholders keep their lower
+//! chunks, unchanged files keep the chunks of the last commit, other files
+//! are chunked like an import), upper directories merge with lower ones
+//! unless opaque, whiteouts delete. A whiteout or opaque flag is kept in
+//! the new version only where a layer below in the composition still has
+//! the path (otherwise it would hide nothing).
+//!
+//! The new version descends from the last commit of the upper (or the view
+//! base). If the layer's head is elsewhere — a sync merged changes from
+//! another machine meanwhile — the new version is merged three ways with
+//! the head through the mediator (the layer's conflict policy; `manual`
+//! keeps both locally, there is no admin to wait for), so neither side's
+//! changes are lost.
+//!
+//! An unmounted commit empties the uppers afterwards; a crash in between
+//! leaves the old uppers over the new heads, which shows the same tree,
+//! and the next commit then finds nothing changed. A live commit keeps the
+//! uppers and records what it committed in the marker; a file still being
+//! written while it is read is left for the next commit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -20,32 +31,21 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use lamina_sync::manifest::{DirNode, Entry, EntryKind, Meta, Node, NodeSource, Root};
-use lamina_sync::{now_ns, Layer, ManifestId, Progress, Store, TreeWriter, Version, VersionId};
-use serde::Serialize;
+use lamina_sync::manifest::{Content, DirNode, Entry, EntryKind, Meta, Node, NodeSource, Root};
+use lamina_sync::merge::{ConflictRecord, ConflictState, Mediation, Take};
+use lamina_sync::{
+    now_ns, ConflictPolicy, Layer, ManifestId, Progress, Store, TreeWriter, Version, VersionId,
+};
+use serde::{Deserialize, Serialize};
 
 use crate::compose::{self, Composition};
 use crate::error::{Error, IoContext, Result};
+use crate::marker::{Marker, SlotMark, Stamp};
 use crate::mount::{clear_uppers, lock_unmounted};
 use crate::upper::{self, UpperKind};
 
-/// Pending changes of one layer.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SlotChanges {
-    /// Kind of the slot.
-    pub kind: String,
-    /// Layer name.
-    pub layer: String,
-    /// Paths that are new.
-    pub added: Vec<String>,
-    /// Paths whose content or metadata changed.
-    pub changed: Vec<String>,
-    /// Paths deleted.
-    pub deleted: Vec<String>,
-}
-
 /// One layer's result of a commit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommittedLayer {
     /// Kind of the slot.
     pub kind: String,
@@ -58,7 +58,7 @@ pub struct CommittedLayer {
 }
 
 /// Result of a commit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommitReport {
     /// Composition.
     pub composition: String,
@@ -68,16 +68,21 @@ pub struct CommitReport {
     pub bytes_read: u64,
     /// Chunks the store lacked.
     pub chunks_new: u64,
+    /// Files left for the next commit because they changed while being
+    /// read (live commits only).
+    pub busy: Vec<String>,
+    /// Conflicts met merging with heads that had moved.
+    pub conflicts: Vec<ConflictRecord>,
 }
 
 /// Reads lower trees.
-struct Trees<'a> {
-    store: &'a Store,
-    dirs: HashMap<ManifestId, Arc<DirNode>>,
+pub(crate) struct Trees<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) dirs: HashMap<ManifestId, Arc<DirNode>>,
 }
 
 impl Trees<'_> {
-    fn dir(&mut self, id: ManifestId) -> Result<Arc<DirNode>> {
+    pub(crate) fn dir(&mut self, id: ManifestId) -> Result<Arc<DirNode>> {
         if let Some(d) = self.dirs.get(&id) {
             return Ok(d.clone());
         }
@@ -133,17 +138,22 @@ impl Trees<'_> {
 
 /// Metadata of an upper entry as a manifest stores it (private xattrs
 /// dropped).
-fn upper_meta(path: &Path, m: &fs::Metadata) -> Result<Meta> {
+pub(crate) fn upper_meta(path: &Path, m: &fs::Metadata) -> Result<Meta> {
     let mut meta = lamina_sync::read_meta(path, m)?;
     meta.xattrs.retain(|x| !upper::is_private(&x.name));
     Ok(meta)
 }
 
-fn rel_join(rel: &[u8], name: &[u8]) -> Vec<u8> {
+/// `/path` for messages.
+pub(crate) fn show(rel: &[u8]) -> String {
+    format!("/{}", String::from_utf8_lossy(rel))
+}
+
+pub(crate) fn rel_join(rel: &[u8], name: &[u8]) -> Vec<u8> {
     crate::view::join(rel, name)
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<(Vec<u8>, fs::Metadata)>> {
+pub(crate) fn sorted_entries(dir: &Path) -> Result<Vec<(Vec<u8>, fs::Metadata)>> {
     let mut out = Vec::new();
     for e in fs::read_dir(dir).ctx(dir, "list upper directory")? {
         let e = e.ctx(dir, "list upper directory")?;
@@ -163,6 +173,14 @@ struct Merger<'s, 'w, 'x, 'y> {
     link_counts: HashMap<u64, u32>,
     /// First member met of each upper link group: real inode → its path.
     link_first: HashMap<u64, Vec<u8>>,
+    /// The last commit of this upper: its stamps and its tree.
+    last: Option<(&'s SlotMark, ManifestId)>,
+    /// Stamps of the entries committed now.
+    seen: BTreeMap<String, Stamp>,
+    /// Files left out because they kept changing (live commits).
+    busy: Vec<String>,
+    /// Read files twice-checked: the upper is in use.
+    live: bool,
 }
 
 impl Merger<'_, '_, '_, '_> {
@@ -175,6 +193,59 @@ impl Merger<'_, '_, '_, '_> {
             mtime_nsec: 0,
             xattrs: Vec::new(),
         }
+    }
+
+    /// The entry at `rel` in the last commit's tree.
+    fn last_entry(&mut self, rel: &[u8]) -> Result<Option<Entry>> {
+        let Some((_, tree)) = self.last else {
+            return Ok(None);
+        };
+        let mut dir = self.trees.dir(tree)?;
+        let parts: Vec<&[u8]> = rel
+            .split(|&b| b == b'/')
+            .filter(|p| !p.is_empty())
+            .collect();
+        for (i, part) in parts.iter().enumerate() {
+            let Some(e) = dir.get(part).cloned() else {
+                return Ok(None);
+            };
+            if i + 1 == parts.len() {
+                return Ok(Some(e));
+            }
+            match e.kind {
+                EntryKind::Dir { node, .. } => dir = self.trees.dir(node)?,
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The content the last commit stored for an upper file that has not
+    /// changed since.
+    fn unchanged(&mut self, rel: &[u8], m: &fs::Metadata) -> Result<Option<(u64, Content)>> {
+        if !self.last.is_some_and(|(mark, _)| mark.unchanged(rel, m)) {
+            return Ok(None);
+        }
+        Ok(match self.last_entry(rel)?.map(|e| e.kind) {
+            Some(EntryKind::File { size, content, .. }) if size == m.len() => Some((size, content)),
+            _ => None,
+        })
+    }
+
+    /// Chunks an upper file. In a live commit the file must look the same
+    /// before and after (else it is retried, then given up: `None`).
+    fn read(&mut self, p: &Path) -> Result<Option<(u64, Content)>> {
+        if !self.live {
+            return Ok(Some(self.w.file(p)?));
+        }
+        for _ in 0..3 {
+            let before = Stamp::of(&fs::symlink_metadata(p).ctx(p, "stat")?);
+            let got = self.w.file(p)?;
+            if Stamp::of(&fs::symlink_metadata(p).ctx(p, "stat")?) == before {
+                return Ok(Some(got));
+            }
+        }
+        Ok(None)
     }
 
     fn merge(&mut self, dir: &Path, rel: &[u8], lower: Option<Arc<DirNode>>) -> Result<ManifestId> {
@@ -191,6 +262,7 @@ impl Merger<'_, '_, '_, '_> {
             let crel = rel_join(rel, &name);
             let kind = match upper::classify(&p, &m) {
                 UpperKind::Whiteout => {
+                    self.seen.insert(hex::encode(&crel), Stamp::of(&m));
                     if self.trees.shows(&self.below, &crel)?.is_some() {
                         map.insert(
                             name.clone(),
@@ -222,11 +294,27 @@ impl Merger<'_, '_, '_, '_> {
                 UpperKind::Other => {
                     let ft = m.file_type();
                     if ft.is_file() {
-                        let (size, content) =
-                            match upper::read_origin(&p).ctx(&p, "read placeholder")? {
-                                Some(o) => (o.size, o.content),
-                                None => self.w.file(&p)?,
-                            };
+                        let read = match upper::read_origin(&p).ctx(&p, "read placeholder")? {
+                            Some(o) => Some((o.size, o.content)),
+                            None => match self.unchanged(&crel, &m)? {
+                                Some(x) => Some(x),
+                                None => self.read(&p)?,
+                            },
+                        };
+                        let Some((size, content)) = read else {
+                            // Still being written: the last commit's entry
+                            // (or the lower one) stays for now.
+                            self.busy.push(show(&crel));
+                            match self.last_entry(&crel)? {
+                                Some(e) => {
+                                    map.insert(name, e);
+                                }
+                                None => {
+                                    map.remove(&name);
+                                }
+                            }
+                            continue;
+                        };
                         let link = if self.link_counts.get(&m.ino()).copied().unwrap_or(0) > 1 {
                             Some(
                                 self.link_first
@@ -259,6 +347,7 @@ impl Merger<'_, '_, '_, '_> {
                 }
             };
             let meta = upper_meta(&p, &m)?;
+            self.seen.insert(hex::encode(&crel), Stamp::of(&m));
             map.insert(name.clone(), Entry { name, meta, kind });
         }
         Ok(self.w.dir(DirNode {
@@ -290,7 +379,10 @@ fn upper_dirty(upper_root: &Path) -> Result<bool> {
 type TreeRoot = (Meta, ManifestId);
 
 /// A slot's layer, current head and its tree root.
-fn slot_base(store: &Store, name: &str) -> Result<(Layer, Option<VersionId>, Option<TreeRoot>)> {
+pub(crate) fn slot_base(
+    store: &Store,
+    name: &str,
+) -> Result<(Layer, Option<VersionId>, Option<TreeRoot>)> {
     let layer = store.layer(name)?;
     let head = store.head(&layer)?;
     let root = match head {
@@ -303,8 +395,9 @@ fn slot_base(store: &Store, name: &str) -> Result<(Layer, Option<VersionId>, Opt
     Ok((layer, head, root))
 }
 
-/// Commits every layer's pending changes as new versions in one catalog
-/// write, then empties the uppers.
+/// Commits every layer's pending changes as new versions, then empties the
+/// uppers. A mounted composition is committed by its daemon instead: see
+/// [`commit_mounted`].
 ///
 /// # Errors
 /// [`Error::NotFound`], [`Error::Mounted`], a head that moved meanwhile
@@ -318,20 +411,104 @@ pub fn commit(
 ) -> Result<CommitReport> {
     let comp = compose::get(store, name)?;
     let root = store.root().to_owned();
-    let _lock = lock_unmounted(&root, &comp, "unmount it before committing")?;
-    let mut bases = Vec::with_capacity(comp.slots.len());
-    for s in &comp.slots {
-        match s.pin {
-            Some(v) => {
-                let layer = store.layer(&s.layer)?;
-                let tree = match store.root_of(v)? {
-                    Root::Tree { meta, dir } => Some((meta, dir)),
-                    Root::Disk(_) => None,
+    let _lock = lock_unmounted(&root, &comp, "commit it with commit_mounted")?;
+    let report = commit_uppers(store, &comp, message, author, progress, false)?;
+    clear_uppers(&root, &comp)?;
+    Marker::remove(&comp.dir(&root))?;
+    Ok(report)
+}
+
+/// Asks the daemon of composition `name`, if it is mounted, to commit its
+/// pending changes while it stays mounted (it keeps the uppers; see the
+/// module doc). Returns `None` when the composition is not mounted. The
+/// daemon opens the store for writing itself, so the caller must not hold
+/// it open for writing.
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::Daemon`] when the daemon's commit failed,
+/// a daemon that cannot be reached.
+pub fn commit_mounted(
+    store: &Store,
+    name: &str,
+    message: Option<&str>,
+    author: &str,
+) -> Result<Option<CommitReport>> {
+    let comp = compose::get(store, name)?;
+    let root = store.root();
+    if crate::mount::mounted(root, &comp).is_none() {
+        return Ok(None);
+    }
+    crate::control::request_commit(root, &comp, message, author).map(Some)
+}
+
+/// What a writable slot's commit starts from.
+struct Plan {
+    layer: Layer,
+    /// The head now.
+    head: Option<VersionId>,
+    /// The version shown under the upper.
+    view: Option<VersionId>,
+    /// The version a new one descends from: the last commit of the upper,
+    /// else the view.
+    parent: Option<VersionId>,
+    /// The view's tree.
+    tree: Option<TreeRoot>,
+}
+
+/// `v` if it is a version of `layer` in the store.
+fn of_layer(store: &Store, layer: &Layer, v: Option<VersionId>) -> Option<VersionId> {
+    v.filter(|v| store.version(*v).is_ok_and(|x| x.layer == layer.id))
+}
+
+fn tree_of(store: &Store, v: Option<VersionId>) -> Result<Option<TreeRoot>> {
+    Ok(match v {
+        Some(v) => match store.root_of(v)? {
+            Root::Tree { meta, dir } => Some((meta, dir)),
+            Root::Disk(_) => None,
+        },
+        None => None,
+    })
+}
+
+/// The commit itself (see the module doc); `live` leaves the uppers and
+/// records the marker.
+pub(crate) fn commit_uppers(
+    store: &Store,
+    comp: &Composition,
+    message: Option<&str>,
+    author: &str,
+    progress: &dyn Progress,
+    live: bool,
+) -> Result<CommitReport> {
+    let root = store.root().to_owned();
+    let cdir = comp.dir(&root);
+    let mut marker = Marker::load(&cdir)?;
+    let mut plans = Vec::with_capacity(comp.slots.len());
+    for (i, s) in comp.slots.iter().enumerate() {
+        let layer = store.layer(&s.layer)?;
+        let head = store.head(&layer)?;
+        let (view, parent) = match s.pin {
+            Some(v) => (Some(v), Some(v)),
+            None => {
+                // A marker says what the mount shows (possibly nothing: an
+                // empty layer); without one, the upper is over the head.
+                let view = match marker.slots.get(&i) {
+                    Some(m) if m.view_base.is_none() => None,
+                    Some(m) => of_layer(store, &layer, m.view_base).or(head),
+                    None => head,
                 };
-                bases.push((layer, Some(v), tree));
+                let last = of_layer(store, &layer, marker.slots.get(&i).and_then(|m| m.last));
+                (view, last.or(view))
             }
-            None => bases.push(slot_base(store, &s.layer)?),
-        }
+        };
+        let tree = tree_of(store, view)?;
+        plans.push(Plan {
+            layer,
+            head,
+            view,
+            parent,
+            tree,
+        });
     }
     let dirty: Vec<bool> = (0..comp.slots.len())
         .map(|i| {
@@ -342,11 +519,23 @@ pub fn commit(
             }
         })
         .collect::<Result<_>>()?;
+    let last_trees: Vec<Option<ManifestId>> = plans
+        .iter()
+        .map(|p| {
+            if p.parent == p.view {
+                Ok(None)
+            } else {
+                Ok(tree_of(store, p.parent)?.map(|(_, d)| d))
+            }
+        })
+        .collect::<Result<_>>()?;
+    let mut seen: Vec<BTreeMap<String, Stamp>> = vec![BTreeMap::new(); comp.slots.len()];
+    let mut busy = Vec::new();
     let (new_roots, stats) = store.write_tree(progress, |w| {
-        let mut roots: Vec<Option<ManifestId>> = Vec::with_capacity(bases.len());
-        let mut out = Vec::with_capacity(bases.len());
-        for (i, (_, _, base)) in bases.iter().enumerate() {
-            let tree_dir = base.as_ref().map(|(_, d)| *d);
+        let mut roots: Vec<Option<ManifestId>> = Vec::with_capacity(plans.len());
+        let mut out = Vec::with_capacity(plans.len());
+        for (i, plan) in plans.iter().enumerate() {
+            let tree_dir = plan.tree.as_ref().map(|(_, d)| *d);
             if !dirty[i] {
                 roots.push(tree_dir);
                 out.push(None);
@@ -364,16 +553,30 @@ pub fn commit(
                 None => None,
             };
             let below: Vec<ManifestId> = roots.iter().rev().flatten().copied().collect();
+            let last = match (marker.slots.get(&i), last_trees[i].or(tree_dir)) {
+                (Some(mark), Some(t)) if plan.parent.is_some() => Some((mark, t)),
+                _ => None,
+            };
             let mut m = Merger {
                 trees,
                 w,
                 below,
                 link_counts: counts,
                 link_first: HashMap::new(),
+                last,
+                seen: BTreeMap::new(),
+                busy: Vec::new(),
+                live,
             };
             let dir = m.merge(&upper_root, b"", lower_dir).map_err(to_sync)?;
+            seen[i] = std::mem::take(&mut m.seen);
+            busy.extend(
+                m.busy
+                    .drain(..)
+                    .map(|p| format!("{}:{p}", comp.slots[i].layer)),
+            );
             let marked = matches!(xattr::get(&upper_root, upper::ROOT_META), Ok(Some(_)));
-            let meta = match (marked, base) {
+            let meta = match (marked, &plan.tree) {
                 (false, Some((meta, _))) => meta.clone(),
                 _ => {
                     let md =
@@ -396,45 +599,168 @@ pub fn commit(
         layers: Vec::new(),
         bytes_read: stats.bytes_read,
         chunks_new: stats.chunks_new,
+        busy,
+        conflicts: Vec::new(),
     };
-    let mut batch = store.batch()?;
     let message = message
         .map(str::to_owned)
         .unwrap_or_else(|| format!("commit of composition {}", comp.name));
-    for (i, ((layer, head, _), new_root)) in bases.iter().zip(&new_roots).enumerate() {
+    // First the versions made from the uppers; heads that did not move go
+    // with them.
+    let mut batch = store.batch()?;
+    let mut made: Vec<Option<VersionId>> = vec![None; plans.len()];
+    let mut merges = Vec::new();
+    for (i, (plan, new_root)) in plans.iter().zip(&new_roots).enumerate() {
         if !comp.slots[i].writable() {
             continue;
         }
-        let old_root = match head {
-            Some(h) => Some(store.version(*h)?.root),
+        let parent_root = match plan.parent {
+            Some(p) => Some(store.version(p)?.root),
             None => None,
         };
-        let version = match new_root {
-            Some(r) if Some(*r) != old_root => {
-                let v = Version {
-                    layer: layer.id,
-                    parents: head.iter().copied().collect(),
-                    time_ns: now_ns(),
-                    author: author.to_owned(),
-                    message: message.clone(),
-                    root: *r,
-                };
-                let id = batch.put_version(&v)?;
-                batch.move_head(layer, *head, id, "commit")?;
-                Some(id)
-            }
-            _ => None,
+        let Some(r) = new_root.filter(|r| Some(*r) != parent_root) else {
+            continue;
         };
-        report.layers.push(CommittedLayer {
-            kind: comp.slots[i].kind.to_string(),
-            layer: layer.name.clone(),
-            version,
-            parent: *head,
-        });
+        let v = Version {
+            layer: plan.layer.id,
+            parents: plan.parent.into_iter().collect(),
+            time_ns: now_ns(),
+            author: author.to_owned(),
+            message: message.clone(),
+            root: r,
+        };
+        let id = batch.put_version(&v)?;
+        made[i] = Some(id);
+        if plan.head == plan.parent {
+            batch.move_head(&plan.layer, plan.head, id, "commit")?;
+        } else {
+            merges.push(i);
+        }
     }
     store.commit(batch)?;
-    clear_uppers(&root, &comp)?;
+    // Then merges with heads that moved meanwhile.
+    let mut heads: Vec<Option<VersionId>> =
+        plans.iter().zip(&made).map(|(p, m)| m.or(p.head)).collect();
+    for i in merges {
+        let (plan, client) = (&plans[i], made[i]);
+        let (Some(server), Some(client)) = (plan.head, client) else {
+            continue;
+        };
+        heads[i] = Some(merge_into_head(
+            store,
+            plan,
+            server,
+            client,
+            author,
+            &mut report,
+        )?);
+    }
+    for (i, plan) in plans.iter().enumerate() {
+        if !comp.slots[i].writable() {
+            continue;
+        }
+        report.layers.push(CommittedLayer {
+            kind: comp.slots[i].kind.to_string(),
+            layer: plan.layer.name.clone(),
+            version: made[i].and(heads[i]),
+            parent: plan.head,
+        });
+        if live {
+            let mark = marker.slots.entry(i).or_default();
+            mark.view_base = plan.view;
+            if made[i].is_some() {
+                mark.last = made[i];
+            }
+            if dirty[i] {
+                mark.entries = std::mem::take(&mut seen[i]);
+            }
+        }
+    }
+    if live {
+        marker.save(&cdir)?;
+    }
     Ok(report)
+}
+
+/// Merges `client` (made from an upper) into the head `server` that moved
+/// away from its parent, and moves the head to the merge.
+fn merge_into_head(
+    store: &Store,
+    plan: &Plan,
+    server: VersionId,
+    client: VersionId,
+    author: &str,
+    report: &mut CommitReport,
+) -> Result<VersionId> {
+    let policy = match store.conflict_policy(&plan.layer)? {
+        // There is nobody to wait for on this machine.
+        ConflictPolicy::Manual => ConflictPolicy::KeepBoth,
+        p => p,
+    };
+    let host = nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "localhost".into());
+    let host = std::env::var("LAMINA_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or(host);
+    let now = now_ns();
+    let base = store.merge_base(server, client)?;
+    let merged = store.mediate(
+        &Mediation {
+            base,
+            server,
+            client,
+            host: &host,
+            now_ns: now,
+        },
+        &mut |_| Ok(Take::for_policy(policy)),
+    )?;
+    let root = merged
+        .root
+        .ok_or_else(|| Error::Invalid("a local merge left a conflict open".into()))?;
+    let v = Version {
+        layer: plan.layer.id,
+        parents: vec![server, client],
+        time_ns: now,
+        author: author.to_owned(),
+        message: format!(
+            "merge of a commit with the head ({} conflicts)",
+            merged.items.len()
+        ),
+        root,
+    };
+    let mut batch = store.batch()?;
+    let id = batch.put_version(&v)?;
+    batch.move_head(&plan.layer, Some(server), id, "commit merge")?;
+    if !merged.items.is_empty() {
+        let rec = ConflictRecord {
+            id: ConflictRecord::new_id(),
+            layer: plan.layer.name.clone(),
+            host,
+            user: String::new(),
+            created_ns: now,
+            policy,
+            base,
+            server,
+            client,
+            merged: Some(id),
+            state: ConflictState::Settled,
+            items: merged.items,
+        };
+        let loser = if policy == ConflictPolicy::ClientWins {
+            server
+        } else {
+            client
+        };
+        let old = store.ref_target(&rec.kept_ref())?;
+        batch.move_ref(&rec.kept_ref(), old, Some(loser), "commit merge")?;
+        batch.put_conflict(&rec)?;
+        report.conflicts.push(rec);
+    }
+    store.commit(batch)?;
+    Ok(id)
 }
 
 fn to_sync(e: Error) -> lamina_sync::Error {
@@ -443,124 +769,6 @@ fn to_sync(e: Error) -> lamina_sync::Error {
         Error::Io { path, op, source } => lamina_sync::Error::Io { path, op, source },
         other => lamina_sync::Error::InvalidInput(other.to_string()),
     }
-}
-
-/// Lists each writable layer's pending changes.
-///
-/// # Errors
-/// [`Error::NotFound`], unreadable uppers, store failures.
-pub fn status(store: &Store, name: &str) -> Result<Vec<SlotChanges>> {
-    let comp = compose::get(store, name)?;
-    let root = store.root().to_owned();
-    let mut out = Vec::new();
-    for (i, s) in comp.slots.iter().enumerate() {
-        if !s.writable() {
-            continue;
-        }
-        let (_, _, base) = slot_base(store, &s.layer)?;
-        let mut changes = SlotChanges {
-            kind: s.kind.to_string(),
-            layer: s.layer.clone(),
-            ..SlotChanges::default()
-        };
-        let upper_root = comp.upper_dir(&root, i);
-        if upper_root.exists() {
-            let mut trees = Trees {
-                store,
-                dirs: HashMap::new(),
-            };
-            let lower = match &base {
-                Some((_, d)) => Some(trees.dir(*d)?),
-                None => None,
-            };
-            if matches!(xattr::get(&upper_root, upper::ROOT_META), Ok(Some(_))) {
-                let md = fs::symlink_metadata(&upper_root).ctx(&upper_root, "stat")?;
-                let meta = upper_meta(&upper_root, &md)?;
-                // A layer's first version has a root anyway: not news.
-                if base.as_ref().is_some_and(|(m, _)| !same_meta(m, &meta)) {
-                    changes.changed.push("/".into());
-                }
-            }
-            walk_status(&mut trees, &upper_root, b"", lower, &mut changes)?;
-        }
-        out.push(changes);
-    }
-    Ok(out)
-}
-
-/// Mode, owner and xattrs equal (times are not compared for directories).
-fn same_meta(a: &Meta, b: &Meta) -> bool {
-    a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.xattrs == b.xattrs
-}
-
-fn show(rel: &[u8]) -> String {
-    format!("/{}", String::from_utf8_lossy(rel))
-}
-
-fn walk_status(
-    trees: &mut Trees<'_>,
-    dir: &Path,
-    rel: &[u8],
-    lower: Option<Arc<DirNode>>,
-    out: &mut SlotChanges,
-) -> Result<()> {
-    for (name, m) in sorted_entries(dir)? {
-        let p = dir.join(OsStr::from_bytes(&name));
-        let crel = rel_join(rel, &name);
-        let old = lower
-            .as_ref()
-            .and_then(|d| d.get(&name))
-            .filter(|e| e.kind != EntryKind::Whiteout);
-        match upper::classify(&p, &m) {
-            UpperKind::Whiteout => out.deleted.push(show(&crel)),
-            UpperKind::Dir { opaque } => {
-                let meta = upper_meta(&p, &m)?;
-                let child_lower = match old.map(|e| (&e.kind, &e.meta)) {
-                    Some((EntryKind::Dir { node, .. }, lmeta)) => {
-                        if opaque {
-                            out.changed.push(show(&crel));
-                            None
-                        } else {
-                            if !same_meta(lmeta, &meta) {
-                                out.changed.push(show(&crel));
-                            }
-                            Some(trees.dir(*node)?)
-                        }
-                    }
-                    Some(_) => {
-                        out.changed.push(show(&crel));
-                        None
-                    }
-                    None => {
-                        out.added.push(show(&crel));
-                        None
-                    }
-                };
-                walk_status(trees, &p, &crel, child_lower, out)?;
-            }
-            UpperKind::Other => match old {
-                None => out.added.push(show(&crel)),
-                Some(e) => {
-                    let meta = upper_meta(&p, &m)?;
-                    let same = match (&e.kind, upper::read_origin(&p).ctx(&p, "read placeholder")?)
-                    {
-                        (EntryKind::File { size, content, .. }, Some(o)) => {
-                            o.size == *size
-                                && o.content == *content
-                                && same_meta(&e.meta, &meta)
-                                && e.meta.mtime_sec == meta.mtime_sec
-                                && e.meta.mtime_nsec == meta.mtime_nsec
-                        }
-                        _ => false,
-                    };
-                    if !same {
-                        out.changed.push(show(&crel));
-                    }
-                }
-            },
-        }
-    }
-    Ok(())
 }
 
 /// The slots of a composition as `kind=layer[@version]`, for listings.

@@ -83,6 +83,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The mount daemon could not do what it was asked.
+    #[error("{0}")]
+    Daemon(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] lamina_sync::Error),

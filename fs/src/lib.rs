@@ -30,15 +30,19 @@
 mod cache;
 mod commit;
 pub mod compose;
+mod control;
 mod error;
 mod fuse;
 mod lower;
+mod marker;
 mod mount;
 pub mod rules;
+mod status;
 mod upper;
 mod view;
 
-pub use commit::{commit, describe, status, CommitReport, CommittedLayer, SlotChanges};
+pub use commit::{commit, commit_mounted, describe, CommitReport, CommittedLayer};
 pub use compose::{Composition, CreateOptions, LayerArg, Mode, Slot};
 pub use error::{Error, Result};
 pub use mount::{mount, mounted, reset, umount, MountInfo, Mounted};
+pub use status::{status, SlotChanges};

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use lamina_sync::manifest::{Meta, Root};
-use lamina_sync::Store;
+use lamina_sync::{Store, VersionId};
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,7 @@ use crate::compose::{self, write_atomic, Composition, Mode};
 use crate::error::{Error, IoContext, Result};
 use crate::fuse::LaminaFs;
 use crate::lower::Lower;
+use crate::marker::{Marker, SlotMark};
 use crate::view::{SlotView, View};
 
 /// Where a composition is mounted.
@@ -120,7 +121,62 @@ pub(crate) fn clear_uppers(store_root: &Path, comp: &Composition) -> Result<()> 
         }
         fs::create_dir_all(&upper).ctx(&upper, "create upper directory")?;
     }
+    Marker::remove(&comp.dir(store_root))?;
     clean_work(&work)
+}
+
+/// At mount: drops from each upper what a live commit already put in the
+/// head (the head descends from that commit), and records the versions
+/// this mount shows under the uppers.
+fn settle_marker(store: &Store, comp: &Composition, heads: &[Option<VersionId>]) -> Result<()> {
+    let root = store.root();
+    let cdir = comp.dir(root);
+    let old = Marker::load(&cdir)?;
+    let mut new = Marker::default();
+    for (i, s) in comp.slots.iter().enumerate() {
+        if !s.writable() {
+            continue;
+        }
+        let head = heads.get(i).copied().flatten();
+        let mut mark = SlotMark {
+            view_base: head,
+            ..SlotMark::default()
+        };
+        if let Some(m) = old.slots.get(&i) {
+            let settled = match (m.last, head) {
+                (Some(last), Some(h)) => store.is_ancestor(last, h).unwrap_or(false),
+                _ => false,
+            };
+            if settled {
+                prune(&comp.upper_dir(root, i), b"", m)?;
+            } else {
+                mark.last = m.last;
+            }
+        }
+        new.slots.insert(i, mark);
+    }
+    new.save(&cdir)
+}
+
+/// Removes every non-directory entry under `dir` that `mark` saw committed.
+fn prune(dir: &Path, rel: &[u8], mark: &SlotMark) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, "list upper directory", e)),
+    };
+    for e in entries {
+        let e = e.ctx(dir, "list upper directory")?;
+        let p = e.path();
+        let m = fs::symlink_metadata(&p).ctx(&p, "stat")?;
+        let crel = crate::view::join(rel, e.file_name().as_encoded_bytes());
+        if m.is_dir() {
+            prune(&p, &crel, mark)?;
+        } else if mark.unchanged(&crel, &m) {
+            fs::remove_file(&p).ctx(&p, "remove a committed upper entry")?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes everything in the work directory (scratch of earlier runs).
@@ -179,6 +235,7 @@ pub struct Mounted {
     store_root: PathBuf,
     dir: PathBuf,
     signals: SigSet,
+    view: Arc<View>,
     _lock: File,
 }
 
@@ -213,9 +270,19 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
         fs::create_dir_all(&work).ctx(&work, "create work directory")?;
         clean_work(&work)?;
     }
+    let mut heads = Vec::with_capacity(comp.slots.len());
+    for s in &comp.slots {
+        heads.push(match store.layer(&s.layer) {
+            Ok(l) => store.head(&l)?,
+            Err(_) => None,
+        });
+    }
+    if comp.mode == Mode::Persistent {
+        settle_marker(&store, &comp, &heads)?;
+    }
     let mut slots = Vec::with_capacity(comp.slots.len());
     for (i, s) in comp.slots.iter().enumerate() {
-        let layer = store.layer(&s.layer).map_err(|e| match e {
+        store.layer(&s.layer).map_err(|e| match e {
             lamina_sync::Error::LayerNotFound { .. } => Error::Invalid(format!(
                 "layer {} of composition {} no longer exists",
                 s.layer, comp.name
@@ -224,7 +291,7 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
         })?;
         let version = match s.pin {
             Some(v) => Some(v),
-            None => store.head(&layer)?,
+            None => heads[i],
         };
         let root_node = match version {
             Some(v) => match store.root_of(v)? {
@@ -266,7 +333,7 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
     ));
     // New entries get exactly the mode asked for.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-    let fs = LaminaFs::new(view, cache.clone(), comp.dir(&root));
+    let fs = LaminaFs::new(view.clone(), cache.clone(), comp.dir(&root));
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("lamina:{}", comp.name)),
@@ -304,6 +371,7 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
         store_root: root,
         dir,
         signals,
+        view,
         _lock: lock,
     })
 }
@@ -334,9 +402,17 @@ impl Mounted {
                 }
             })
             .map_err(|e| Error::io(&self.dir, "start signal thread", e))?;
+        if self.comp.mode == Mode::Persistent {
+            crate::control::serve(
+                self.store_root.clone(),
+                self.comp.clone(),
+                self.view.clone(),
+            )?;
+        }
         let served = self.session.run();
         self.cache.stop();
         let _ = fs::remove_file(info_path(&self.store_root, &self.comp));
+        let _ = fs::remove_file(crate::control::socket_path(&self.store_root, &self.comp));
         if self.comp.mode == Mode::Revert {
             clear_uppers(&self.store_root, &self.comp)?;
         }

@@ -206,24 +206,52 @@ impl BlockMap {
             let from = offset.max(base) - base;
             let to = end.min(base + self.cs) - base;
             let mask = self.sector_mask(from / SECTOR, to.div_ceil(SECTOR));
-            let old = st.l2.get(&c).copied().unwrap_or(0);
-            if old | mask != old {
-                let wi = (c / 64) as usize;
-                let bit = 1u64 << (c % 64);
-                if st.l1[wi] & bit == 0 {
-                    st.l1[wi] |= bit;
-                    self.file
-                        .write_all_at(&st.l1[wi].to_le_bytes(), HEADER_BYTES + wi as u64 * 8)
-                        .ctx(&self.path, "write block map")?;
-                }
-                self.file
-                    .write_all_at(&(old | mask).to_le_bytes(), self.l2_start + c * 16)
-                    .ctx(&self.path, "write block map")?;
-                st.l2.insert(c, old | mask);
-            }
+            self.set(&mut st, c, mask)?;
             c += 1;
         }
         Ok(())
+    }
+
+    /// Sets sector bits `mask` of cluster `c`, level 1 first.
+    fn set(&self, st: &mut State, c: u64, mask: u128) -> Result<()> {
+        let old = st.l2.get(&c).copied().unwrap_or(0);
+        if old | mask != old {
+            let wi = (c / 64) as usize;
+            let bit = 1u64 << (c % 64);
+            if st.l1[wi] & bit == 0 {
+                st.l1[wi] |= bit;
+                self.file
+                    .write_all_at(&st.l1[wi].to_le_bytes(), HEADER_BYTES + wi as u64 * 8)
+                    .ctx(&self.path, "write block map")?;
+            }
+            self.file
+                .write_all_at(&(old | mask).to_le_bytes(), self.l2_start + c * 16)
+                .ctx(&self.path, "write block map")?;
+            st.l2.insert(c, old | mask);
+        }
+        Ok(())
+    }
+
+    /// Adds every change the map at `other` records to this one, durably
+    /// (a commit that did not finish gives its changes back).
+    ///
+    /// # Errors
+    /// I/O failures, maps of different geometry.
+    pub fn absorb(&self, other: &Path) -> Result<()> {
+        let o = BlockMap::open(other)?;
+        if o.cs != self.cs || o.clusters != self.clusters {
+            return Err(Error::Corrupt {
+                path: other.to_owned(),
+                reason: "block map of another geometry".into(),
+            });
+        }
+        {
+            let mut st = self.state();
+            for (c, bits) in o.dirty() {
+                self.set(&mut st, c, bits)?;
+            }
+        }
+        self.flush()
     }
 
     /// Makes the map durable.
@@ -286,9 +314,20 @@ impl BlockMap {
 
     /// Counts and runs of changed clusters.
     pub fn summary(&self) -> Summary {
-        let st = self.state();
+        Summary::of(&self.state().l2, self.cs)
+    }
+
+    /// Cluster size the map tracks.
+    pub fn cluster_size(&self) -> u64 {
+        self.cs
+    }
+}
+
+impl Summary {
+    /// The summary of changed clusters `l2` (cluster → sector bits).
+    pub fn of(l2: &BTreeMap<u64, u128>, cluster_size: u64) -> Summary {
         let mut s = Summary::default();
-        for (&c, &bits) in &st.l2 {
+        for (&c, &bits) in l2 {
             s.clusters += 1;
             s.sector_bytes += u64::from(bits.count_ones()) * SECTOR;
             match s.ranges.last_mut() {
@@ -299,13 +338,8 @@ impl BlockMap {
                 }),
             }
         }
-        s.cluster_bytes = s.clusters * self.cs;
+        s.cluster_bytes = s.clusters * cluster_size;
         s
-    }
-
-    /// Cluster size the map tracks.
-    pub fn cluster_size(&self) -> u64 {
-        self.cs
     }
 }
 

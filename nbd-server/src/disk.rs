@@ -9,19 +9,23 @@
 //! ```
 //!
 //! A disk's base version is pinned by the ref `disk/<name>`, so gc keeps it.
-//! Commit writes the changed clusters as a new version and moves the disk's
-//! base to it in one catalog batch; the overlay and block map are emptied
-//! afterwards. A crash between the two leaves the old overlay over the new
-//! base: the same content, so nothing is lost or doubled.
+//! Commits (see `commit`) turn the changed clusters into versions; a disk
+//! being served is committed by its server, which keeps the overlay and
+//! records the version holding the disk's content in a `disk-live` record.
+//!
+//! ```text
+//! STORE/disks/<id>/blockmap.committing   changes a commit in progress took
+//! STORE/disks/<id>/control.sock          the serving process, for commits
+//! ```
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lamina_sync::chunk::{is_zero, seal, Sealed, CLUSTER_SIZE};
-use lamina_sync::manifest::{DiskBuilder, DiskRoot, Node, Root};
-use lamina_sync::{check_layer_name, now_ns, Layer, LayerFormat, Store, Version, VersionId};
+use lamina_sync::chunk::CLUSTER_SIZE;
+use lamina_sync::manifest::Root;
+use lamina_sync::{check_layer_name, now_ns, Layer, LayerFormat, Store, VersionId};
 use serde::{Deserialize, Serialize};
 
 use crate::base::LayerImage;
@@ -84,6 +88,14 @@ impl DiskRecord {
     pub fn blockmap(&self, store: &Store) -> PathBuf {
         self.dir(store).join("blockmap")
     }
+    /// Where a commit in progress keeps the changes it took.
+    pub fn committing(&self, store: &Store) -> PathBuf {
+        self.dir(store).join("blockmap.committing")
+    }
+    /// The serving process's control socket.
+    pub fn control_socket(&self, store: &Store) -> PathBuf {
+        self.dir(store).join("control.sock")
+    }
 
     fn decode(bytes: &[u8]) -> Result<DiskRecord> {
         postcard::from_bytes(bytes).map_err(|e| {
@@ -94,7 +106,7 @@ impl DiskRecord {
         })
     }
 
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         // Serialising plain data into a Vec cannot fail.
         #[allow(clippy::expect_used)]
         postcard::to_allocvec(self).expect("postcard serialises into a Vec")
@@ -268,6 +280,7 @@ pub fn open(
     holder: &str,
 ) -> Result<(DiskExport, DiskLock)> {
     let lock = lock(store, rec, holder)?;
+    recover_blockmap(store, rec)?;
     let backing = match &base {
         Some(b) => Backing::Device(b.clone()),
         None => Backing::FromHeader,
@@ -301,10 +314,55 @@ pub fn open_base(store: &Arc<Store>, rec: &DiskRecord) -> Result<Option<Arc<Laye
 /// [`Error::DiskNotFound`], I/O failures.
 pub fn status(store: &Store, name: &str) -> Result<Summary> {
     let rec = get(store, name)?;
-    Ok(BlockMap::open(&rec.blockmap(store))?.summary())
+    let map = BlockMap::open(&rec.blockmap(store))?;
+    let committing = rec.committing(store);
+    if !committing.exists() {
+        return Ok(map.summary());
+    }
+    // A commit in progress (or cut short): its changes count until it ends.
+    let mut all: std::collections::BTreeMap<u64, u128> = map.dirty().into_iter().collect();
+    for (c, bits) in BlockMap::open(&committing)?.dirty() {
+        *all.entry(c).or_default() |= bits;
+    }
+    Ok(Summary::of(&all, map.cluster_size()))
 }
 
-fn empty_overlay(store: &Store, rec: &DiskRecord) -> Result<()> {
+/// Gives the changes a cut-short commit had set aside back to the block
+/// map (see `commit`). Needs the disk's lock.
+///
+/// # Errors
+/// I/O failures.
+pub(crate) fn recover_blockmap(store: &Store, rec: &DiskRecord) -> Result<()> {
+    let committing = rec.committing(store);
+    if !committing.exists() {
+        return Ok(());
+    }
+    BlockMap::open(&rec.blockmap(store))?.absorb(&committing)?;
+    fs::remove_file(&committing).ctx(&committing, "remove the set-aside block map")
+}
+
+/// Record kind of the version holding a served disk's content as of its
+/// last commit.
+pub(crate) const LIVE_KIND: &str = "disk-live";
+
+/// The version a served disk's last commit made (its content then), if the
+/// overlay was kept since.
+///
+/// # Errors
+/// Store failures, a damaged record.
+pub fn live_version(store: &Store, name: &str) -> Result<Option<VersionId>> {
+    match store.record(LIVE_KIND, name)? {
+        None => Ok(None),
+        Some(v) => VersionId::from_slice(&v).map(Some).ok_or_else(|| {
+            Error::Store(lamina_sync::Error::RecordCorrupt {
+                what: format!("{LIVE_KIND} {name}"),
+                reason: "not a version id".into(),
+            })
+        }),
+    }
+}
+
+pub(crate) fn empty_overlay(store: &Store, rec: &DiskRecord) -> Result<()> {
     Qcow2::create(&rec.overlay(store), rec.size)?;
     BlockMap::create(&rec.blockmap(store), rec.size, u64::from(CLUSTER_SIZE))
 }
@@ -316,6 +374,12 @@ fn empty_overlay(store: &Store, rec: &DiskRecord) -> Result<()> {
 pub fn reset(store: &Store, name: &str) -> Result<()> {
     let rec = get(store, name)?;
     let _lock = lock(store, &rec, "lamina disk reset")?;
+    if live_version(store, name)?.is_some() {
+        return Err(Error::InvalidInput(format!(
+            "disk `{name}` was committed while served; commit it (or remove it) instead of a reset, which would drop committed changes from the disk"
+        )));
+    }
+    let _ = fs::remove_file(rec.committing(store));
     empty_overlay(store, &rec)
 }
 
@@ -328,6 +392,7 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
     let lock = lock(store, &rec, "lamina disk rm")?;
     let mut batch = store.batch()?;
     batch.delete_record(RECORD_KIND, name)?;
+    batch.delete_record(LIVE_KIND, name)?;
     if let Some(b) = &rec.base {
         batch.move_ref(&disk_ref(name), Some(b.version), None, "disk rm")?;
     }
@@ -365,160 +430,6 @@ pub fn prune_cache(store: &Store) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Result of a commit.
-#[derive(Debug, Clone, Serialize)]
-pub struct CommitReport {
-    /// Disk.
-    pub disk: String,
-    /// Layer that received the version.
-    pub layer: String,
-    /// New version (`None` if nothing changed).
-    pub version: Option<VersionId>,
-    /// Clusters written.
-    pub clusters: u64,
-    /// Of which new chunks.
-    pub chunks_new: u64,
-}
-
-/// Turns a disk's changes into a new version of its base's layer (or of
-/// `to`), and empties its overlay.
-///
-/// # Errors
-/// [`Error::DiskBusy`] (served), a layer that moved since the disk was
-/// based on it, store or I/O failures.
-pub fn commit(
-    store: &Arc<Store>,
-    name: &str,
-    to: Option<&str>,
-    message: &str,
-    author: &str,
-) -> Result<CommitReport> {
-    let rec = get(store, name)?;
-    let _lock = lock(store, &rec, "lamina disk commit")?;
-    let target_name = match (to, &rec.base) {
-        (Some(t), _) => t.to_owned(),
-        (None, Some(b)) => b.layer.clone(),
-        (None, None) => {
-            return Err(Error::InvalidInput(format!(
-                "disk `{name}` has no base; say which layer receives the commit with --to"
-            )))
-        }
-    };
-    let target = store.layer(&target_name)?;
-    if target.format != LayerFormat::Disk {
-        return Err(Error::InvalidInput(format!(
-            "layer `{target_name}` is not a disk layer"
-        )));
-    }
-    let head = store.head(&target)?;
-    if let Some(b) = rec.base.as_ref().filter(|b| b.layer == target_name) {
-        if head != Some(b.version) {
-            return Err(Error::InvalidInput(format!(
-                "layer `{target_name}` moved to {} since disk `{name}` was based on {}; commit with --to another layer",
-                head.map_or_else(|| "nothing".into(), |h| h.short()),
-                b.version.short()
-            )));
-        }
-    }
-    let base = open_base(store, &rec)?;
-    let backing = match &base {
-        Some(b) => Backing::Device(b.clone()),
-        None => Backing::FromHeader,
-    };
-    let overlay = Qcow2::open(&rec.overlay(store), false, backing)?;
-    let blockmap = BlockMap::open(&rec.blockmap(store))?;
-    let dirty: Vec<u64> = blockmap.dirty().into_iter().map(|(c, _)| c).collect();
-    let mut report = CommitReport {
-        disk: name.to_owned(),
-        layer: target_name.clone(),
-        version: None,
-        clusters: dirty.len() as u64,
-        chunks_new: 0,
-    };
-    if dirty.is_empty() && rec.base.as_ref().is_some_and(|b| b.layer == target_name) {
-        return Ok(report);
-    }
-    // Merge the base's clusters with the changed ones, in cluster order.
-    let mut base_clusters = Vec::new();
-    if let Some(b) = &base {
-        b.root().for_each_cluster(&**store, |c, id| {
-            base_clusters.push((c, id));
-            Ok(())
-        })?;
-    }
-    let cs = u64::from(CLUSTER_SIZE);
-    let mut builder = DiskBuilder::new(rec.size, CLUSTER_SIZE);
-    let levels = builder.levels();
-    let mut put = |node: Node| store.put_node(&node);
-    let mut buf = vec![0u8; cs as usize];
-    let (mut bi, mut di) = (0usize, 0usize);
-    loop {
-        let nb = base_clusters.get(bi).map(|x| x.0);
-        let nd = dirty.get(di).copied();
-        let c = match (nb, nd) {
-            (None, None) => break,
-            (Some(b), None) => b,
-            (None, Some(d)) => d,
-            (Some(b), Some(d)) => b.min(d),
-        };
-        if nb == Some(c) {
-            bi += 1;
-        }
-        if nd == Some(c) {
-            di += 1;
-            let len = (rec.size - c * cs).min(cs) as usize;
-            overlay.read_at(c * cs, &mut buf[..len])?;
-            let data = &buf[..len];
-            if is_zero(data) {
-                continue;
-            }
-            let sealed = seal(data);
-            let id = sealed.id;
-            if store.backend().put(Sealed::Chunk(sealed))? > 0 {
-                report.chunks_new += 1;
-            }
-            builder.push(c, id, &mut put)?;
-        } else if let Some((_, id)) = base_clusters.get(bi - 1) {
-            if c * cs < rec.size {
-                builder.push(c, *id, &mut put)?;
-            }
-        }
-    }
-    let top = builder.finish(&mut put)?;
-    let root = Node::Root(Root::Disk(DiskRoot {
-        size: rec.size,
-        cluster_size: CLUSTER_SIZE,
-        levels,
-        top,
-    }));
-    let root_id = store.put_node(&root)?;
-    store.backend().flush()?;
-    let version = Version {
-        layer: target.id,
-        parents: head.into_iter().collect(),
-        time_ns: now_ns(),
-        author: author.to_owned(),
-        message: message.to_owned(),
-        root: root_id,
-    };
-    let (new_id, _) = version.encode();
-    let mut updated = rec.clone();
-    updated.base = Some(DiskBase {
-        layer: target_name.clone(),
-        version: new_id,
-    });
-    let old = rec.base.as_ref().map(|b| b.version);
-    let committed = store.commit_version(&target, head, &version, "disk commit", &mut |batch| {
-        batch.put_record(RECORD_KIND, name, &updated.encode())?;
-        batch.move_ref(&disk_ref(name), old, Some(new_id), "disk commit")
-    })?;
-    report.version = Some(committed);
-    drop(overlay);
-    empty_overlay(store, &rec)?;
-    prune_cache(store)?;
-    Ok(report)
 }
 
 /// Whether a file exists at `p` (for `disk show`).

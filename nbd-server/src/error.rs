@@ -74,6 +74,14 @@ pub enum Error {
         /// Holder note.
         holder: String,
     },
+    /// The process serving a disk could not commit it.
+    #[error("the process serving disk `{name}` could not commit it: {reason}")]
+    Served {
+        /// Disk.
+        name: String,
+        /// Its answer.
+        reason: String,
+    },
     /// A request or argument is not acceptable.
     #[error("{0}")]
     InvalidInput(String),

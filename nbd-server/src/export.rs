@@ -10,7 +10,7 @@
 //! connection covers writes acknowledged on all of them (`CAN_MULTI_CONN`).
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use nix::fcntl::{fallocate, FallocateFlags};
 
@@ -344,7 +344,12 @@ pub struct DiskExport {
     name: String,
     overlay: Arc<Qcow2>,
     base: Option<Arc<LayerImage>>,
-    blockmap: BlockMap,
+    /// The changes since the last commit; replaced by a fresh map when a
+    /// commit takes a snapshot.
+    blockmap: RwLock<Arc<BlockMap>>,
+    /// Writes hold it shared; a snapshot holds it exclusive, so it sees the
+    /// disk between two writes.
+    writes: RwLock<()>,
     writable: bool,
 }
 
@@ -361,14 +366,54 @@ impl DiskExport {
             name: name.to_owned(),
             overlay,
             base,
-            blockmap,
+            blockmap: RwLock::new(Arc::new(blockmap)),
+            writes: RwLock::new(()),
             writable,
         }
     }
 
-    /// The block map.
-    pub fn blockmap(&self) -> &BlockMap {
-        &self.blockmap
+    /// The block map now.
+    pub fn blockmap(&self) -> Arc<BlockMap> {
+        self.blockmap
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.writes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a consistent snapshot of the changes since the last commit,
+    /// with writes held back meanwhile: flushes, calls `each(cluster,
+    /// data)` for every changed cluster, then has `rotate` set the map
+    /// aside and give a fresh one, which records the writes from then on.
+    /// Returns the changed clusters.
+    ///
+    /// # Errors
+    /// I/O failures, and errors of `each` or `rotate` (the map stays as it
+    /// was if `rotate` did not run).
+    pub fn snapshot(
+        &self,
+        each: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+        rotate: &mut dyn FnMut(&BlockMap) -> Result<BlockMap>,
+    ) -> Result<Vec<u64>> {
+        let _paused = self.writes.write().unwrap_or_else(|p| p.into_inner());
+        self.overlay.flush()?;
+        let map = self.blockmap();
+        map.flush()?;
+        let dirty: Vec<u64> = map.dirty().into_iter().map(|(c, _)| c).collect();
+        let cs = map.cluster_size();
+        let size = self.overlay.size();
+        let mut buf = vec![0u8; cs as usize];
+        for &c in &dirty {
+            let len = (size - c * cs).min(cs) as usize;
+            self.overlay.read_at(c * cs, &mut buf[..len])?;
+            each(c, &buf[..len])?;
+        }
+        let fresh = rotate(&map)?;
+        *self.blockmap.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Ok(dirty)
     }
 
     /// Flushes and closes the overlay cleanly.
@@ -376,7 +421,7 @@ impl DiskExport {
     /// # Errors
     /// I/O failures.
     pub fn close(&self) -> Result<()> {
-        self.blockmap.flush()?;
+        self.blockmap().flush()?;
         self.overlay.close()
     }
 
@@ -414,8 +459,9 @@ impl Export for DiskExport {
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_write(offset, data.len() as u64)?;
+        let _w = self.writing();
         // Mark first: the map must cover every write that may have landed.
-        self.blockmap.mark(offset, data.len() as u64)?;
+        self.blockmap().mark(offset, data.len() as u64)?;
         self.overlay.write_at(offset, data)?;
         if fua {
             self.flush()?;
@@ -435,7 +481,8 @@ impl Export for DiskExport {
         if fast && !self.overlay.zeroes_fast(offset, len) {
             return Err(Error::NotFast);
         }
-        self.blockmap.mark(offset, len)?;
+        let _w = self.writing();
+        self.blockmap().mark(offset, len)?;
         self.overlay.write_zeroes(offset, len, !no_hole)?;
         if fua {
             self.flush()?;
@@ -445,7 +492,8 @@ impl Export for DiskExport {
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.check_write(offset, len)?;
-        self.blockmap.mark(offset, len)?;
+        let _w = self.writing();
+        self.blockmap().mark(offset, len)?;
         self.overlay.discard(offset, len)?;
         if fua {
             self.flush()?;
@@ -455,7 +503,7 @@ impl Export for DiskExport {
 
     fn flush(&self) -> Result<()> {
         self.overlay.flush()?;
-        self.blockmap.flush()
+        self.blockmap().flush()
     }
 
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
@@ -474,6 +522,6 @@ impl Export for DiskExport {
     }
 
     fn dirty(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
-        Some(self.blockmap.extents(offset, len))
+        Some(self.blockmap().extents(offset, len))
     }
 }

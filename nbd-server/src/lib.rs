@@ -39,6 +39,8 @@
 
 pub mod base;
 pub mod blockmap;
+pub mod commit;
+pub mod control;
 pub mod convert;
 pub mod disk;
 pub mod error;

@@ -98,6 +98,15 @@ impl StoreExports {
         if let Some((d, _)) = disks.get(name) {
             return Ok(Some(d.clone()));
         }
+        if !self.read_only {
+            // `lamina disk commit` reaches this process through it.
+            crate::control::serve(
+                self.store.root().to_owned(),
+                rec.clone(),
+                rec.control_socket(&self.store),
+                Arc::downgrade(&export),
+            )?;
+        }
         disks.insert(name.to_owned(), (export.clone(), lock));
         Ok(Some(export))
     }
@@ -115,6 +124,10 @@ impl StoreExports {
         for (name, (d, _lock)) in disks {
             if let Err(e) = d.close() {
                 tracing::warn!(disk = %name, %e, "closing disk");
+            }
+            if let Ok(rec) = disk::get(&self.store, &name) {
+                // Nobody answers on it any more.
+                let _ = std::fs::remove_file(rec.control_socket(&self.store));
             }
         }
     }

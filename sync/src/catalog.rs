@@ -513,6 +513,12 @@ pub struct Batch<'s> {
 }
 
 impl Batch<'_> {
+    /// Where this batch moves ref `name`, if it moves it (`None` also when
+    /// it deletes it).
+    pub fn planned(&self, name: &str) -> Option<VersionId> {
+        self.refs.get(name).copied().flatten()
+    }
+
     /// Stores a record of `kind` under `name`.
     ///
     /// # Errors

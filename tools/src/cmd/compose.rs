@@ -348,11 +348,20 @@ pub fn status(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode> {
 }
 
 pub fn commit(cli: &Cli, out: &Out, a: &CommitArgs) -> anyhow::Result<ExitCode> {
-    let store = open(cli, out, Access::Write)?;
     let author = a.author.clone().unwrap_or_else(default_author);
-    let report = {
-        let bar = Bar::new(out.progress_allowed());
-        lamina_fs::commit(&store, &a.name, a.message.as_deref(), &author, &bar)?
+    // A mounted composition is committed by its daemon (which needs the
+    // store's writer lock itself): ask it first.
+    let mounted = {
+        let store = open(cli, out, Access::Read)?;
+        lamina_fs::commit_mounted(&store, &a.name, a.message.as_deref(), &author)?
+    };
+    let report = match mounted {
+        Some(r) => r,
+        None => {
+            let store = open(cli, out, Access::Write)?;
+            let bar = Bar::new(out.progress_allowed());
+            lamina_fs::commit(&store, &a.name, a.message.as_deref(), &author, &bar)?
+        }
     };
     out.result(&report, || {
         let mut s = String::new();
@@ -370,5 +379,19 @@ pub fn commit(cli: &Cli, out: &Out, a: &CommitArgs) -> anyhow::Result<ExitCode> 
         bytes(report.bytes_read),
         report.chunks_new
     ));
+    for b in &report.busy {
+        out.note(&format!(
+            "{b}: changed while being read, left for the next commit"
+        ));
+    }
+    for c in &report.conflicts {
+        out.note(&format!(
+            "{}: the head had moved; merged with {} conflicts ({}, conflict {})",
+            c.layer,
+            c.items.len(),
+            c.policy,
+            c.id
+        ));
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -158,10 +158,26 @@ fn commit(
     to: Option<&str>,
     author: Option<&str>,
 ) -> anyhow::Result<()> {
-    let store = Arc::new(open(cli, out, Access::Write)?);
     let message = message.map_or_else(|| format!("commit of disk {name}"), str::to_owned);
     let author = author.map_or_else(default_author, str::to_owned);
-    let report = disk::commit(&store, name, to, &message, &author)?;
+    // A served disk is committed by the process serving it (which needs the
+    // store's writer lock itself): ask it first.
+    let served = {
+        let store = open(cli, out, Access::Read)?;
+        let rec = disk::get(&store, name)?;
+        if to.is_some() {
+            None
+        } else {
+            lamina_nbd::control::request_commit(&store, &rec, &message, &author)?
+        }
+    };
+    let report = match served {
+        Some(r) => r,
+        None => {
+            let store = Arc::new(open(cli, out, Access::Write)?);
+            lamina_nbd::commit::commit(&store, name, to, &message, &author)?
+        }
+    };
     out.result(&report, || match report.version {
         Some(v) => format!(
             "{}: {} changed clusters ({} new chunks) committed as {}@{}",
@@ -172,5 +188,21 @@ fn commit(
             v.short()
         ),
         None => format!("{}: nothing to commit", report.disk),
-    })
+    })?;
+    if report.live {
+        out.note(&format!(
+            "{}: committed while served; its overlay stays until an unserved commit",
+            report.disk
+        ));
+    }
+    if let Some(c) = &report.conflict {
+        out.note(&format!(
+            "{}: the layer's head had moved; merged per cluster with {} conflicting ranges ({}, conflict {})",
+            report.disk,
+            c.items.len(),
+            c.policy,
+            c.id
+        ));
+    }
+    Ok(())
 }

@@ -180,6 +180,47 @@ fn heads(store: &Store, layers: &[String]) -> Vec<Option<VersionId>> {
         .collect()
 }
 
+/// Commits what users are working on without stopping them: mounted
+/// compositions over `layers` (their daemons commit) and served disks
+/// based on them (their servers commit). Failures are logged; the round
+/// goes on with what is committed.
+fn check_in_live(store: &Store, layers: &[String], author: &str) {
+    let msg = "check-in by lamina sync --watch";
+    if let Ok(comps) = lamina_fs::compose::list(store) {
+        for c in comps {
+            let ours = c
+                .slots
+                .iter()
+                .any(|s| s.writable() && layers.contains(&s.layer));
+            if !ours || lamina_fs::mounted(store.root(), &c).is_none() {
+                continue;
+            }
+            match lamina_fs::commit_mounted(store, &c.name, Some(msg), author) {
+                Ok(Some(r)) => {
+                    tracing::info!(composition = %c.name, busy = r.busy.len(), "committed while mounted")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(composition = %c.name, error = %e, "live commit failed"),
+            }
+        }
+    }
+    if let Ok(disks) = lamina_nbd::disk::list(store) {
+        for d in disks {
+            if !d.base.as_ref().is_some_and(|b| layers.contains(&b.layer)) {
+                continue;
+            }
+            match lamina_nbd::control::request_commit(store, &d, msg, author) {
+                Ok(Some(r)) => {
+                    tracing::info!(disk = %d.name, clusters = r.clusters, "committed while served")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(disk = %d.name, error = %e, "live commit failed"),
+            }
+        }
+    }
+    let _ = store.refresh();
+}
+
 /// Sets the returned flag on SIGINT or SIGTERM.
 fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     use nix::sys::signal::{SigSet, Signal};
@@ -233,6 +274,13 @@ fn watch(
     while !stop.load(Ordering::SeqCst) {
         round += 1;
         status.last_attempt_ns = lamina_sync::now_ns();
+        let _ = reader.refresh();
+        let tracked = if a.layers.is_empty() {
+            reader.tracked(remote).unwrap_or_default()
+        } else {
+            a.layers.clone()
+        };
+        check_in_live(&reader, &tracked, &opts.author);
         let result = (|| -> anyhow::Result<(Vec<String>, Vec<LayerReport>)> {
             let store = open_with(cli, &quiet, Access::Write, LockWait::Wait(None))?;
             let layers = if a.layers.is_empty() {
