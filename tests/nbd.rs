@@ -434,12 +434,8 @@ fn disk_commit_reset_and_remove() {
     let mut server = Server::start(&env, &[]);
     let uri = server.unix_uri("vm");
     qemu_io("raw", &uri, &["write -P 0x77 1M 2M", "write -z 0 65536"]);
-    // Serving holds the disk: commit, reset and rm refuse, naming the holder.
-    for args in [
-        vec!["disk", "commit", "vm"],
-        vec!["disk", "reset", "vm"],
-        vec!["disk", "rm", "vm"],
-    ] {
+    // Serving holds the disk: reset and rm refuse, naming the holder.
+    for args in [vec!["disk", "reset", "vm"], vec!["disk", "rm", "vm"]] {
         let (code, err) = env.fail(&args);
         assert_eq!(code, 1);
         assert!(
@@ -460,15 +456,28 @@ fn disk_commit_reset_and_remove() {
             seen.to_str().unwrap(),
         ],
     );
-    assert!(server.stop().success());
+    // A commit while served is made by the server; the overlay stays.
     let c = env.json(&["disk", "commit", "vm", "-m", "changes"]);
     assert_eq!(c["clusters"], 33);
+    assert_eq!(c["live"], true);
     let version = c["version"].as_str().unwrap().to_owned();
     // The new version holds exactly what the client last saw.
     let out = env.path("out.raw");
     env.export(&format!("os/base@{}", &version[..12]), &out);
     assert!(fs::read(&out).unwrap() == fs::read(&seen).unwrap());
     assert_eq!(env.json(&["disk", "status", "vm"])["clusters"], 0);
+    assert!(server.stop().success());
+    // A reset would drop committed changes from the disk: refused.
+    let (code, err) = env.fail(&["disk", "reset", "vm"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("committed while served"), "{err}");
+    // Unserved, a commit settles the disk onto that version.
+    let c = env.json(&["disk", "commit", "vm", "-m", "settle"]);
+    assert_eq!(
+        (c["clusters"].as_u64(), c["live"].as_bool()),
+        (Some(0), Some(false))
+    );
+    assert_eq!(c["version"], version.as_str());
     let show = env.json(&["disk", "show", "vm"]);
     assert_eq!(show["base"]["version"], version.as_str());
     // And as qcow2: qemu-img check clean, same bytes.

@@ -545,6 +545,31 @@ pub enum BenchCommand {
     Fs(BenchFsArgs),
     /// Start the fixture guest with `lamina vm start` and by hand: time to the serial marker, RSS
     Vm(BenchVmArgs),
+    /// Check-in and two-way sync beside rsync and unison, over a tbf-limited and an unlimited loopback (root)
+    Sync(BenchSyncArgs),
+}
+
+/// `lamina bench sync`
+#[derive(Debug, Args)]
+pub struct BenchSyncArgs {
+    /// Work directory [default: a new temporary directory]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Size of the disk image (suffixes K, M, G, T)
+    #[arg(long, default_value = "10G")]
+    pub size: String,
+    /// Files in the tree
+    #[arg(long, default_value_t = 100_000)]
+    pub files: u64,
+    /// Rate of the limited link (tbf), e.g. 100mbit
+    #[arg(long, default_value = "100mbit")]
+    pub rate: String,
+    /// Keep the work directory
+    #[arg(long)]
+    pub keep: bool,
+    /// (internal) the run inside the network namespace
+    #[arg(long, hide = true)]
+    pub inner: Option<String>,
 }
 
 /// `lamina bench vm`

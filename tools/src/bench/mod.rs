@@ -10,11 +10,13 @@
 //!
 //! `bench nbd` (see [`nbd`]) compares Lamina's NBD server with qemu-nbd;
 //! `bench fs` (see [`fs`]) compares a Lamina mount with fuse-overlayfs and
-//! kernel overlayfs.
+//! kernel overlayfs; `bench sync` (see [`sync`]) compares check-in and
+//! two-way sync with rsync and unison.
 
 mod data;
 mod fs;
 mod nbd;
+mod sync;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +79,20 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
             finish_work(&work, a.keep, out);
             let report = result?;
             out.result(&report, || vm::render(&report))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Sync(a) => {
+            let exe = std::env::current_exe()?;
+            if let Some(spec) = &a.inner {
+                sync::inner(&exe, spec)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let size = crate::output::parse_size(&a.size)?;
+            let work = work_dir(a.dir.as_deref(), "sync")?;
+            let result = sync::run(&exe, &work, size, a.files, &a.rate, &|m| out.note(m));
+            finish_work(&work, a.keep, out);
+            let report = result?;
+            out.result(&report, || sync::render(&report))?;
             Ok(ExitCode::SUCCESS)
         }
     }
