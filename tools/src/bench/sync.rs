@@ -582,6 +582,12 @@ fn disk(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
         )?;
     }
     write_clusters_raw(&cli.join("disk.raw"), &clusters)?;
+    // The copies were made within the same second: make the daemon's look
+    // older, or rsync's quick check (size and mtime) would skip the file.
+    run_ok(
+        Command::new("touch").args(["-d", "2 days ago"]).arg(srv.join("disk.raw")),
+        "touch",
+    )?;
     let (_daemon, port) = rsync_daemon(&work, &srv)?;
     let dest = format!("rsync://127.0.0.1:{port}/m/disk.raw");
     let peer = step(
