@@ -10,8 +10,10 @@
 //!   sync (pull, merge through the mediator, push).
 
 mod conn;
+mod fetch;
 mod status;
 mod sync;
+mod upload;
 
 use serde::{Deserialize, Serialize};
 

@@ -24,29 +24,24 @@
 //! reported as pending until an admin resolves them; the resolution then
 //! reaches the client as an ordinary fast-forward.
 
-use std::collections::HashSet;
-
 use serde::Serialize;
 
-use super::conn::{Connection, LayerSource, PushOutcome};
+use super::conn::{Connection, PushOutcome};
 use super::tracking_ref;
 use crate::catalog::now_ns;
-use crate::chunk::{Sealed, Sealer};
 use crate::error::{Error, Result};
-use crate::id::{ChunkId, VersionId};
+use crate::id::VersionId;
 use crate::layer::Layer;
 use crate::merge::{ConflictRecord, ConflictState, Mediation, Take};
 use crate::policy::ConflictPolicy;
 use crate::progress::Progress;
 use crate::protocol::{ConflictSubmission, LayerInfo, NewLayer, PushBody};
 use crate::store::Store;
-use crate::transfer::{wire, Delta, PushRequest, PushedVersion, TransferStats, BATCH_BYTES};
+use crate::transfer::{PushRequest, PushedVersion, TransferStats};
 use crate::version::Version;
 
 /// Rounds of fetch–merge–push before giving up on a busy layer.
 const MAX_ROUNDS: usize = 5;
-/// Versions named as "have" when asking the server for its history.
-const MAX_HAVE: usize = 20_000;
 
 /// What to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,91 +359,6 @@ impl Store {
         })
     }
 
-    /// Fetches the server's versions of `name` this store lacks and moves
-    /// the tracking ref; creates the local layer if needed.
-    fn fetch_versions(
-        &self,
-        conn: &Connection,
-        name: &str,
-        info: Option<&LayerInfo>,
-        progress: &dyn Progress,
-    ) -> Result<(u64, TransferStats)> {
-        let Some(info) = info else {
-            return Ok((0, TransferStats::default()));
-        };
-        let tref = tracking_ref(conn.name(), name);
-        let mut versions = Vec::new();
-        let mut stats = TransferStats::default();
-        if let Some(h) = info.head {
-            if !self.has_version(h)? {
-                let mut starts = Vec::new();
-                if let Some(l) = self.find_layer(name)? {
-                    starts.extend(self.head(&l)?);
-                }
-                starts.extend(self.ref_target(&tref)?);
-                let mut have: Vec<(i64, VersionId)> = self
-                    .versions_between(&starts, &HashSet::new())?
-                    .into_iter()
-                    .map(|(id, v)| (v.time_ns, id))
-                    .collect();
-                have.sort_by(|a, b| b.cmp(a));
-                have.truncate(MAX_HAVE);
-                let have: Vec<VersionId> = have.into_iter().map(|(_, id)| id).collect();
-                versions = conn.versions(name, &[h], &have)?;
-                let ids: HashSet<VersionId> = versions.iter().map(|(id, _)| *id).collect();
-                if !ids.contains(&h) {
-                    return Err(Error::InvalidInput(format!(
-                        "remote {} did not send version {} of `{name}`",
-                        conn.name(),
-                        h.short()
-                    )));
-                }
-                for (id, v) in &versions {
-                    if v.layer != info.id {
-                        return Err(Error::InvalidInput(format!(
-                            "remote {} sent version {} of another layer",
-                            conn.name(),
-                            id.short()
-                        )));
-                    }
-                    for p in &v.parents {
-                        if !ids.contains(p) && !self.has_version(*p)? {
-                            return Err(Error::InvalidInput(format!(
-                                "remote {} sent an incomplete history: parent {} of {} is missing",
-                                conn.name(),
-                                p.short(),
-                                id.short()
-                            )));
-                        }
-                    }
-                }
-                let roots: Vec<_> = versions.iter().map(|(_, v)| v.root).collect();
-                stats =
-                    self.fetch_closure(&roots, &mut LayerSource { conn, layer: name }, progress)?;
-            }
-        }
-        let mut batch = self.batch()?;
-        if self.find_layer(name)?.is_none() {
-            batch.put_layer(&Layer {
-                id: info.id,
-                name: name.to_owned(),
-                kind: info.kind,
-                format: info.format,
-                created_ns: now_ns(),
-            })?;
-        }
-        for (_, v) in &versions {
-            batch.put_version(v)?;
-        }
-        let old = self.ref_target(&tref)?;
-        if old != info.head {
-            batch.move_ref(&tref, old, info.head, "fetch")?;
-        }
-        self.track(&mut batch, conn.name(), name)?;
-        self.commit(batch)?;
-        Ok((versions.len() as u64, stats))
-    }
-
     fn move_local(
         &self,
         layer: &Layer,
@@ -459,76 +369,6 @@ impl Store {
         let mut batch = self.batch()?;
         batch.move_head(layer, from, to, &format!("pull from {remote}"))?;
         self.commit(batch)
-    }
-
-    /// Every version reachable from `head` (inclusive).
-    fn ancestry_set(&self, head: Option<VersionId>) -> Result<HashSet<VersionId>> {
-        Ok(match head {
-            None => HashSet::new(),
-            Some(h) => self
-                .versions_between(&[h], &HashSet::new())?
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect(),
-        })
-    }
-
-    /// Uploads what the server lacks of the versions reachable from `new`
-    /// but not from `server`; returns those versions.
-    fn upload_history(
-        &self,
-        conn: &Connection,
-        name: &str,
-        server: Option<VersionId>,
-        new: VersionId,
-        progress: &dyn Progress,
-        report: &mut LayerReport,
-    ) -> Result<Vec<(VersionId, Version)>> {
-        let known = self.ancestry_set(server)?;
-        let versions = self.versions_between(&[new], &known)?;
-        let mut delta = Delta::new();
-        for (_, v) in &versions {
-            let base = match v.parents.first() {
-                Some(p) => Some(self.version(*p)?.root),
-                None => None,
-            };
-            delta.add(self, v.root, base)?;
-        }
-        let mut candidates: Vec<ChunkId> = delta.chunks.clone();
-        candidates.extend(delta.nodes.iter().map(|n| n.chunk()));
-        let lacks = conn.missing(name, &candidates)?;
-        let missing: HashSet<ChunkId> = candidates
-            .iter()
-            .zip(lacks)
-            .filter(|(_, l)| *l)
-            .map(|(c, _)| *c)
-            .collect();
-        progress.phase("upload", None);
-        let mut up = Uploader {
-            conn,
-            layer: name,
-            buf: Vec::new(),
-            sent: HashSet::new(),
-            stats: TransferStats::default(),
-            sealer: Sealer::new(),
-            progress,
-        };
-        // Data first, then nodes children-first: whatever a cut transfer
-        // leaves on the server is a set of complete subtrees.
-        for c in delta.chunks.iter().filter(|c| missing.contains(c)) {
-            up.add(self, *c, &missing)?;
-        }
-        for n in delta.nodes.iter().filter(|n| missing.contains(&n.chunk())) {
-            up.add(self, n.chunk(), &missing)?;
-        }
-        up.flush()?;
-        up.stats.nodes = delta
-            .nodes
-            .iter()
-            .filter(|n| missing.contains(&n.chunk()))
-            .count() as u64;
-        report.sent.add(&up.stats);
-        Ok(versions)
     }
 
     /// Uploads and pushes `new` onto the server's `expected` head.
@@ -639,72 +479,6 @@ impl Store {
                 self.commit(batch)?;
             }
         }
-        Ok(())
-    }
-}
-
-/// Batches records for upload.
-struct Uploader<'a> {
-    conn: &'a Connection,
-    layer: &'a str,
-    buf: Vec<u8>,
-    sent: HashSet<ChunkId>,
-    stats: TransferStats,
-    sealer: Sealer,
-    progress: &'a dyn Progress,
-}
-
-impl Uploader<'_> {
-    /// Queues the record of chunk `id`. A frame goes whole when at least
-    /// half of its bytes are wanted; otherwise its wanted members go alone.
-    fn add(&mut self, store: &Store, id: ChunkId, wanted: &HashSet<ChunkId>) -> Result<()> {
-        if self.sent.contains(&id) {
-            return Ok(());
-        }
-        match store.backend().get_sealed(&id)? {
-            Sealed::Frame(f) => {
-                let need: Vec<(ChunkId, u32)> = f
-                    .members
-                    .iter()
-                    .filter(|(m, _)| wanted.contains(m) && !self.sent.contains(m))
-                    .copied()
-                    .collect();
-                let need_bytes: u64 = need.iter().map(|(_, l)| u64::from(*l)).sum();
-                if need_bytes * 2 >= u64::from(f.plain_len) {
-                    self.put(Sealed::Frame(f))?;
-                } else {
-                    for (m, _) in need {
-                        let plain = store.chunk(&m)?;
-                        let sealed = Sealed::Chunk(self.sealer.seal(m, &plain));
-                        self.put(sealed)?;
-                    }
-                }
-            }
-            chunk => self.put(chunk)?,
-        }
-        Ok(())
-    }
-
-    fn put(&mut self, sealed: Sealed) -> Result<()> {
-        self.sent.extend(wire::members(&sealed));
-        let len = wire::record_len(&sealed);
-        wire::encode_record(&sealed, &mut self.buf);
-        self.stats.records += 1;
-        self.stats.bytes += len as u64;
-        self.progress.advance(len as u64);
-        if self.buf.len() >= BATCH_BYTES {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let body = std::mem::take(&mut self.buf);
-        let got = self.conn.upload(self.layer, body)?;
-        self.stats.chunks_new += got.chunks_new;
         Ok(())
     }
 }

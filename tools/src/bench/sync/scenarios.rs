@@ -1,30 +1,6 @@
-//! `lamina bench sync`: Lamina's check-in and two-way sync beside rsync and
-//! unison, on the same data, over loopback inside a network namespace —
-//! once with `lo` limited by tbf (`--rate`, 100 Mbit/s by default) and once
-//! unlimited.
-//!
-//! * **disk**: an image (`--size`, a used-disk mix of holes, zeros, text
-//!   and random data) checked out on a laptop store; 1 % of its 64 KiB
-//!   clusters rewritten with random data through `lamina serve` (so the
-//!   block map sees them). Lamina: `disk commit` + `push`. rsync: the same
-//!   writes to a raw copy, then `rsync --inplace --no-whole-file` to an
-//!   rsync daemon holding the original.
-//! * **tree**: `--files` small files in 1 000 directories; 1 % changed (half
-//!   rewritten, half by an insert in the middle). Lamina: `layer import`
-//!   (unchanged files skipped by the import cache) + `push`. rsync: `rsync
-//!   -a --no-whole-file` to the daemon.
-//! * **two-way**: the tree again; the server side and the laptop each change
-//!   1 % of different files. Lamina: the laptop's `layer import` + `sync`
-//!   (the admin's `layer import` on the server happened before). unison
-//!   2.52: one run between the two replicas over its socket protocol.
-//!
-//! Every run starts with the page cache dropped. Wire bytes are the
-//! namespace's `lo` transmit counter (every packet, TLS and TCP included);
-//! disk reads are `/proc/PID/io` `read_bytes` of the client process and of
-//! the Lamina server, and the machine's `/proc/diskstats` sectors read for
-//! the whole run (the rsync daemon forks per connection, so its side is the
-//! total minus the client). The physical bound is the changed bytes over
-//! the link rate.
+//! The three scenarios — disk check-in, tree check-in, two-way sync — each
+//! with Lamina and its peer on the same data, and what they need: the
+//! Lamina server and laptop, an rsync daemon, the data changes.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -35,104 +11,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::{Deserialize, Serialize};
 
-use super::data::{make_image, Rng, Text};
-use super::{run_ok, stdout_of};
-use crate::output::bytes;
+use super::measure::step;
+use super::{Inner, Row, Run};
+use crate::bench::data::{Rng, Text};
+use crate::bench::{run_ok, stdout_of};
 
 const CLUSTER: u64 = 64 << 10;
 
-/// One measured run.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Run {
-    /// Wall time, seconds.
-    pub secs: f64,
-    /// Bytes sent on `lo` (both directions).
-    pub wire_bytes: u64,
-    /// Bytes the client read from storage.
-    pub client_read_bytes: u64,
-    /// Bytes the server side read from storage.
-    pub server_read_bytes: u64,
-}
-
-/// One scenario: Lamina beside its peer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Row {
-    /// disk, tree, two-way.
-    pub data: String,
-    /// Link: a rate, or unlimited.
-    pub link: String,
-    /// Bytes that changed.
-    pub changed_bytes: u64,
-    /// Lamina.
-    pub lamina: Run,
-    /// The peer (rsync or unison).
-    pub peer_name: String,
-    /// The peer.
-    pub peer: Run,
-    /// Peer time over Lamina's.
-    pub speedup: f64,
-    /// Changed bytes over the link rate, seconds (limited links only).
-    pub bound_secs: Option<f64>,
-}
-
-/// The whole benchmark.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SyncReport {
-    /// Versions of the peers.
-    pub peers: Vec<String>,
-    /// Data set sizes.
-    pub image_bytes: u64,
-    /// Files in the tree.
-    pub files: u64,
-    /// Bytes of the tree.
-    pub tree_bytes: u64,
-    /// Rows.
-    pub rows: Vec<Row>,
-}
-
-/// Settings passed to the run inside the namespace.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Inner {
-    pub work: PathBuf,
-    pub link: String,
-    pub rate_bits: Option<u64>,
-    pub image: PathBuf,
-    pub tree: PathBuf,
-    pub files: u64,
-}
-
-fn tool_version(cmd: &str, arg: &str) -> anyhow::Result<String> {
-    let out = Command::new(cmd)
-        .arg(arg)
-        .output()
-        .with_context(|| format!("{cmd} not found (Debian: apt-get install {cmd})"))?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    Ok(text.lines().next().unwrap_or("").trim().to_owned())
-}
-
-/// Parses `100mbit`, `1gbit`, `500kbit` into bits per second.
-pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = t.strip_suffix("gbit") {
-        (n, 1_000_000_000)
-    } else if let Some(n) = t.strip_suffix("mbit") {
-        (n, 1_000_000)
-    } else if let Some(n) = t.strip_suffix("kbit") {
-        (n, 1_000)
-    } else {
-        bail!("bad rate `{s}`: expected e.g. 100mbit or 1gbit")
-    };
-    Ok(num
-        .parse::<u64>()
-        .with_context(|| format!("bad rate `{s}`"))?
-        * mult)
-}
-
 /// Writes `files` small text-like files in 1 000 directories; returns bytes.
-fn make_small_tree(root: &Path, files: u64, seed: u64) -> anyhow::Result<u64> {
+pub(super) fn make_small_tree(root: &Path, files: u64, seed: u64) -> anyhow::Result<u64> {
     let mut rng = Rng::new(seed);
     let text = Text::new(&mut rng);
     let mut total = 0;
@@ -183,97 +71,6 @@ fn changed_clusters(image_bytes: u64) -> Vec<u64> {
         set.insert(rng.next() % clusters);
     }
     set.into_iter().collect()
-}
-
-fn lo_tx() -> anyhow::Result<u64> {
-    Ok(fs::read_to_string("/sys/class/net/lo/statistics/tx_bytes")?
-        .trim()
-        .parse()?)
-}
-
-/// Sectors read from every whole disk, in bytes.
-fn disk_reads() -> u64 {
-    let Ok(text) = fs::read_to_string("/proc/diskstats") else {
-        return 0;
-    };
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let name = f.get(2)?;
-            // Whole devices only (partitions would count twice).
-            let whole = !name.chars().last()?.is_ascii_digit()
-                || name.starts_with("nvme") && !name.contains('p');
-            whole.then(|| f.get(5)?.parse::<u64>().ok()).flatten()
-        })
-        .sum::<u64>()
-        * 512
-}
-
-fn proc_read_bytes(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/io"))
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                l.strip_prefix("read_bytes: ")
-                    .and_then(|v| v.trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn drop_caches() {
-    // Best effort: without it the runs read from the page cache alike.
-    let _ = Command::new("sync").status();
-    let _ = fs::write("/proc/sys/vm/drop_caches", "3\n");
-}
-
-/// Runs `cmd` to completion; returns wall time and the bytes it read from
-/// storage (read from /proc before the exited child is reaped).
-fn measured(cmd: &mut Command, what: &str) -> anyhow::Result<(f64, u64)> {
-    use nix::sys::wait::{waitid, Id, WaitPidFlag};
-    let started = Instant::now();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {what}"))?;
-    let pid = child.id();
-    waitid(
-        Id::Pid(nix::unistd::Pid::from_raw(pid as i32)),
-        WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-    )?;
-    let secs = started.elapsed().as_secs_f64();
-    let read = proc_read_bytes(pid);
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok((secs, read))
-}
-
-/// One measured step of a scenario: drop caches, run `steps`, count.
-fn step(server_pid: Option<u32>, steps: &mut [(&mut Command, &str)]) -> anyhow::Result<Run> {
-    drop_caches();
-    let (tx0, d0) = (lo_tx()?, disk_reads());
-    let s0 = server_pid.map_or(0, proc_read_bytes);
-    let mut run = Run::default();
-    for (cmd, what) in steps.iter_mut() {
-        let (secs, read) = measured(cmd, what)?;
-        run.secs += secs;
-        run.client_read_bytes += read;
-    }
-    run.wire_bytes = lo_tx()? - tx0;
-    let total = disk_reads().saturating_sub(d0);
-    run.server_read_bytes = match server_pid {
-        Some(p) => proc_read_bytes(p).saturating_sub(s0),
-        None => total.saturating_sub(run.client_read_bytes),
-    };
-    Ok(run)
 }
 
 struct Proc(Child);
@@ -429,28 +226,36 @@ fn row(data: &str, inner: &Inner, changed: u64, lamina: Run, peer_name: &str, pe
     }
 }
 
-/// Writes the changed clusters through NBD (so the disk's block map sees
-/// them) with libnbd's Python binding.
-fn write_clusters_nbd(uri: &str, clusters: &[u64]) -> anyhow::Result<()> {
+/// Writes the changed clusters' data (Python's PRNG, seeded per cluster, so
+/// both sides get the same bytes) to `target`: an NBD URI (through libnbd's
+/// Python binding, so the disk's block map sees the writes) or a raw file.
+fn write_clusters(target: &str, clusters: &[u64]) -> anyhow::Result<()> {
     let script = r#"
-import sys, nbd, random
-h = nbd.NBD()
-h.connect_uri(sys.argv[1])
+import sys, random, os
+target = sys.argv[1]
+if target.startswith("nbd"):
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(target)
+    write = h.pwrite
+else:
+    fd = os.open(target, os.O_WRONLY)
+    write = lambda data, off: os.pwrite(fd, data, off)
 for line in sys.stdin:
     c = int(line)
-    r = random.Random(1000003 + c)
-    h.pwrite(r.randbytes(65536), c * 65536)
-h.flush()
-h.shutdown()
+    write(random.Random(1000003 + c).randbytes(65536), c * 65536)
+if target.startswith("nbd"):
+    h.flush()
+    h.shutdown()
+else:
+    os.fsync(fd)
 "#;
-    // The data is generated the same way on both sides (Python's PRNG), so
-    // the raw copy for rsync gets the same bytes (see `write_clusters_raw`).
     let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script, uri])
+        .args(["-c", script, target])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("/usr/bin/python3 with libnbd's nbd module (python3-libnbd)")?;
+        .context("/usr/bin/python3 (with python3-libnbd for NBD)")?;
     {
         let mut stdin = child.stdin.take().context("stdin")?;
         for c in clusters {
@@ -460,39 +265,9 @@ h.shutdown()
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
-            "writing clusters over NBD: {}",
+            "writing clusters to {target}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-    Ok(())
-}
-
-/// The same writes to a raw file (Python's PRNG again, for the same bytes).
-fn write_clusters_raw(path: &Path, clusters: &[u64]) -> anyhow::Result<()> {
-    let script = r#"
-import sys, random, os
-fd = os.open(sys.argv[1], os.O_WRONLY)
-for line in sys.stdin:
-    c = int(line)
-    r = random.Random(1000003 + c)
-    os.pwrite(fd, r.randbytes(65536), c * 65536)
-os.fsync(fd)
-"#;
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .arg(path)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    {
-        let mut stdin = child.stdin.take().context("stdin")?;
-        for c in clusters {
-            writeln!(stdin, "{c}")?;
-        }
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("writing clusters: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
@@ -518,7 +293,7 @@ fn same_file(a: &Path, b: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-fn disk(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
+pub(super) fn disk(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     let work = inner.work.join(format!("disk-{}", inner.link));
     fs::create_dir_all(&work)?;
     let l = LaminaSide::new(exe, &work)?;
@@ -549,7 +324,7 @@ fn disk(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
         let mut line = String::new();
         BufReader::new(serve.stdout.take().context("serve stdout")?).read_line(&mut line)?;
         let _serve = Proc(serve);
-        write_clusters_nbd(
+        write_clusters(
             &format!("nbd+unix:///vm?socket={}", sock.display()),
             &clusters,
         )?;
@@ -581,11 +356,13 @@ fn disk(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
             "cp",
         )?;
     }
-    write_clusters_raw(&cli.join("disk.raw"), &clusters)?;
+    write_clusters(&cli.join("disk.raw").to_string_lossy(), &clusters)?;
     // The copies were made within the same second: make the daemon's look
     // older, or rsync's quick check (size and mtime) would skip the file.
     run_ok(
-        Command::new("touch").args(["-d", "2 days ago"]).arg(srv.join("disk.raw")),
+        Command::new("touch")
+            .args(["-d", "2 days ago"])
+            .arg(srv.join("disk.raw")),
         "touch",
     )?;
     let (_daemon, port) = rsync_daemon(&work, &srv)?;
@@ -613,7 +390,7 @@ fn disk(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     Ok(row("disk", inner, changed, lamina, "rsync", peer))
 }
 
-fn tree(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
+pub(super) fn tree(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     let work = inner.work.join(format!("tree-{}", inner.link));
     fs::create_dir_all(&work)?;
     let l = LaminaSide::new(exe, &work)?;
@@ -703,7 +480,7 @@ fn tree(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     Ok(row("tree", inner, changed, lamina, "rsync", peer))
 }
 
-fn two_way(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
+pub(super) fn two_way(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     let work = inner.work.join(format!("twoway-{}", inner.link));
     fs::create_dir_all(&work)?;
     let l = LaminaSide::new(exe, &work)?;
@@ -816,163 +593,4 @@ fn two_way(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     }
     let _ = fs::remove_dir_all(&work);
     Ok(row("two-way", inner, changed, lamina, "unison", peer))
-}
-
-/// The measured part, run inside the namespace; prints its rows as JSON.
-pub fn inner(exe: &Path, spec: &str) -> anyhow::Result<()> {
-    let inner: Inner = serde_json::from_str(spec).context("bad --inner spec")?;
-    let rows = vec![
-        disk(&inner, exe)?,
-        tree(&inner, exe)?,
-        two_way(&inner, exe)?,
-    ];
-    println!("{}", serde_json::to_string(&rows)?);
-    Ok(())
-}
-
-/// A network namespace with `lo` up, limited by tbf when `rate` is given;
-/// deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String, rate: Option<&str>) -> anyhow::Result<Netns> {
-        run_ok(
-            Command::new("ip").args(["netns", "add", &name]),
-            "ip netns add",
-        )?;
-        let ns = Netns(name);
-        let exec = |args: &[&str]| {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.0]).args(args);
-            run_ok(&mut c, &args.join(" "))
-        };
-        match rate {
-            Some(r) => {
-                // tbf drops everything at lo's default 64 KiB MTU.
-                exec(&["ip", "link", "set", "lo", "mtu", "1500", "up"])?;
-                exec(&[
-                    "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", r, "burst", "256kb",
-                    "latency", "100ms",
-                ])?;
-            }
-            None => exec(&["ip", "link", "set", "lo", "up"])?,
-        }
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
-/// Generates the data, runs both links, and returns the report.
-pub fn run(
-    exe: &Path,
-    work: &Path,
-    size: u64,
-    files: u64,
-    rate: &str,
-    note: &dyn Fn(&str),
-) -> anyhow::Result<SyncReport> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("lamina bench sync needs root (network namespaces, tc, dropping the page cache)");
-    }
-    let rate_bits = parse_rate(rate)?;
-    let peers = vec![
-        tool_version("rsync", "--version")?,
-        tool_version("unison", "-version")?,
-    ];
-    tool_version("tc", "-V")?;
-    let image = work.join("data/disk.raw");
-    let tree = work.join("data/tree");
-    fs::create_dir_all(work.join("data"))?;
-    note(&format!(
-        "generating a {} image and {files} files…",
-        bytes(size)
-    ));
-    let image_bytes = make_image(&image, size, 5)?;
-    let tree_bytes = make_small_tree(&tree, files, 9)?;
-    let mut rows = Vec::new();
-    for (link, r) in [
-        (rate.to_owned(), Some(rate)),
-        ("unlimited".to_owned(), None),
-    ] {
-        note(&format!("link {link}…"));
-        let ns = Netns::new(
-            format!("lamina-bench-{}-{}", std::process::id(), rows.len()),
-            r,
-        )?;
-        let spec = Inner {
-            work: work.to_owned(),
-            link: link.clone(),
-            rate_bits: r.map(|_| rate_bits),
-            image: image.clone(),
-            tree: tree.clone(),
-            files,
-        };
-        let out = stdout_of(
-            Command::new("ip")
-                .args(["netns", "exec", &ns.0])
-                .arg(exe)
-                .args(["bench", "sync", "--inner", &serde_json::to_string(&spec)?]),
-            "the benchmark inside the namespace",
-        )?;
-        let got: Vec<Row> = serde_json::from_str(out.trim()).context("the inner run's report")?;
-        rows.extend(got);
-    }
-    Ok(SyncReport {
-        peers,
-        image_bytes,
-        files,
-        tree_bytes,
-        rows,
-    })
-}
-
-/// The table.
-pub fn render(r: &SyncReport) -> String {
-    let mut s = format!(
-        "{}\n{}\ndisk {}; tree {} files, {}\n",
-        r.peers[0],
-        r.peers.get(1).map_or("", String::as_str),
-        bytes(r.image_bytes),
-        r.files,
-        bytes(r.tree_bytes)
-    );
-    s.push_str(&format!(
-        "{:<8} {:<10} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11} {:>11} {:>11} {:>9}\n",
-        "data",
-        "link",
-        "changed",
-        "lamina s",
-        "peer s",
-        "ratio",
-        "lamina wire",
-        "peer wire",
-        "lamina read",
-        "peer read",
-        "bound s"
-    ));
-    for row in &r.rows {
-        s.push_str(&format!(
-            "{:<8} {:<10} {:>10} {:>9.2} {:>9.2} {:>6.1}x {:>11} {:>11} {:>11} {:>11} {:>9}\n",
-            row.data,
-            row.link,
-            bytes(row.changed_bytes),
-            row.lamina.secs,
-            row.peer.secs,
-            row.speedup,
-            bytes(row.lamina.wire_bytes),
-            bytes(row.peer.wire_bytes),
-            bytes(row.lamina.client_read_bytes + row.lamina.server_read_bytes),
-            bytes(row.peer.client_read_bytes + row.peer.server_read_bytes),
-            row.bound_secs.map_or("-".into(), |b| format!("{b:.2}")),
-        ));
-    }
-    s.push_str("(ratio: peer time over Lamina's; wire: bytes on lo; read: bytes read from storage, client + server; bound: changed bytes over the link rate)\n");
-    s
 }
