@@ -28,8 +28,8 @@ use std::sync::Arc;
 
 use lamina_sync::chunk::{is_zero, seal, Sealed, CLUSTER_SIZE};
 use lamina_sync::manifest::{DiskBuilder, DiskRoot, Node, Root};
-use lamina_sync::merge::{ConflictRecord, ConflictState, Mediation, Take};
-use lamina_sync::{now_ns, ChunkId, ConflictPolicy, Layer, LayerFormat, Store, Version, VersionId};
+use lamina_sync::merge::ConflictRecord;
+use lamina_sync::{now_ns, ChunkId, Layer, LayerFormat, Store, Version, VersionId};
 use serde::{Deserialize, Serialize};
 
 use crate::blockmap::BlockMap;
@@ -213,76 +213,19 @@ fn check_in(
     let server = t
         .head
         .ok_or_else(|| Error::InvalidInput("the layer lost its head".into()))?;
-    let policy = match store.conflict_policy(&t.layer)? {
-        ConflictPolicy::Manual => ConflictPolicy::KeepBoth,
-        p => p,
-    };
-    let host = std::env::var("LAMINA_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .map(|h| h.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let now = now_ns();
-    let base = store.merge_base(server, client)?;
-    let merged = store.mediate(
-        &Mediation {
-            base,
-            server,
-            client,
-            host: &host,
-            now_ns: now,
+    let (id, conflict) = store.merge_into_head(
+        &t.layer,
+        server,
+        client,
+        author,
+        "disk commit",
+        &mut |batch| {
+            extra(batch, client).map_err(|e| match e {
+                Error::Store(s) => s,
+                other => lamina_sync::Error::InvalidInput(other.to_string()),
+            })
         },
-        &mut |_| Ok(Take::for_policy(policy)),
     )?;
-    let root = merged
-        .root
-        .ok_or_else(|| Error::InvalidInput("a local merge left a conflict open".into()))?;
-    let m = Version {
-        layer: t.layer.id,
-        parents: vec![server, client],
-        time_ns: now,
-        author: author.to_owned(),
-        message: format!(
-            "merge of a disk commit with the head ({} conflicts)",
-            merged.items.len()
-        ),
-        root,
-    };
-    let mut batch = store.batch()?;
-    let id = batch.put_version(&m)?;
-    batch.move_head(&t.layer, Some(server), id, "disk commit merge")?;
-    let mut conflict = None;
-    if !merged.items.is_empty() {
-        let rec = ConflictRecord {
-            id: ConflictRecord::new_id(),
-            layer: t.layer.name.clone(),
-            host,
-            user: String::new(),
-            created_ns: now,
-            policy,
-            base,
-            server,
-            client,
-            merged: Some(id),
-            state: ConflictState::Settled,
-            items: merged.items,
-        };
-        let loser = if policy == ConflictPolicy::ClientWins {
-            server
-        } else {
-            client
-        };
-        let old = store.ref_target(&rec.kept_ref())?;
-        batch.move_ref(&rec.kept_ref(), old, Some(loser), "disk commit merge")?;
-        batch.put_conflict(&rec)?;
-        conflict = Some(rec);
-    }
-    extra(&mut batch, client)?;
-    store.commit(batch)?;
     Ok((id, client, conflict))
 }
 

@@ -519,6 +519,17 @@ impl Batch<'_> {
         self.refs.get(name).copied().flatten()
     }
 
+    /// Where ref `name` points once this batch is applied.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn target(&self, name: &str) -> Result<Option<VersionId>> {
+        match self.refs.get(name) {
+            Some(planned) => Ok(*planned),
+            None => self.store.ref_target(name),
+        }
+    }
+
     /// Stores a record of `kind` under `name`.
     ///
     /// # Errors

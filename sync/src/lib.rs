@@ -50,6 +50,7 @@ pub mod backend;
 mod catalog;
 mod changes;
 pub mod chunk;
+pub mod control;
 mod error;
 mod export;
 mod failpoint;

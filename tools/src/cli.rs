@@ -269,13 +269,20 @@ pub struct TransferArgs {
     /// Layers
     #[arg(required = true)]
     pub layers: Vec<String>,
+    #[command(flatten)]
+    pub who: SyncWho,
+}
+
+/// Who syncs, as conflict records and merges say.
+#[derive(Debug, Args)]
+pub struct SyncWho {
     /// This machine's name in conflict copies and records [default: the host name]
     #[arg(long, env = "LAMINA_HOST", value_name = "NAME")]
     pub host: Option<String>,
     /// Version author of merges [default: $LAMINA_AUTHOR, else user@host]
     #[arg(long, env = "LAMINA_AUTHOR")]
     pub author: Option<String>,
-    /// Retries of a request whose connection failed
+    /// Retries of a request whose connection failed (one-shot commands)
     #[arg(long, default_value_t = 3)]
     pub retries: u32,
 }
@@ -296,15 +303,8 @@ pub struct SyncArgs {
     /// Show the watch daemon's last round, queued versions and pending conflicts
     #[arg(long)]
     pub status: bool,
-    /// This machine's name in conflict copies and records [default: the host name]
-    #[arg(long, env = "LAMINA_HOST", value_name = "NAME")]
-    pub host: Option<String>,
-    /// Version author of merges [default: $LAMINA_AUTHOR, else user@host]
-    #[arg(long, env = "LAMINA_AUTHOR")]
-    pub author: Option<String>,
-    /// Retries of a request whose connection failed (one-shot sync)
-    #[arg(long, default_value_t = 3)]
-    pub retries: u32,
+    #[command(flatten)]
+    pub who: SyncWho,
 }
 
 /// `lamina conflicts ...`

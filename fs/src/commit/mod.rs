@@ -29,8 +29,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 
 use lamina_sync::manifest::Root;
-use lamina_sync::merge::{ConflictRecord, ConflictState, Mediation, Take};
-use lamina_sync::{now_ns, ConflictPolicy, Layer, ManifestId, Progress, Store, Version, VersionId};
+use lamina_sync::merge::ConflictRecord;
+use lamina_sync::{now_ns, Layer, ManifestId, Progress, Store, Version, VersionId};
 use serde::{Deserialize, Serialize};
 
 use crate::compose::{self, Composition};
@@ -324,14 +324,12 @@ pub(crate) fn commit_uppers(
         let (Some(server), Some(client)) = (plan.head, client) else {
             continue;
         };
-        heads[i] = Some(merge_into_head(
-            store,
-            plan,
-            server,
-            client,
-            author,
-            &mut report,
-        )?);
+        let (head, conflict) =
+            store.merge_into_head(&plan.layer, server, client, author, "commit", &mut |_| {
+                Ok(())
+            })?;
+        heads[i] = Some(head);
+        report.conflicts.extend(conflict);
     }
     for (i, plan) in plans.iter().enumerate() {
         if !comp.slots[i].writable() {
@@ -358,87 +356,6 @@ pub(crate) fn commit_uppers(
         marker.save(&cdir)?;
     }
     Ok(report)
-}
-
-/// Merges `client` (made from an upper) into the head `server` that moved
-/// away from its parent, and moves the head to the merge.
-fn merge_into_head(
-    store: &Store,
-    plan: &Plan,
-    server: VersionId,
-    client: VersionId,
-    author: &str,
-    report: &mut CommitReport,
-) -> Result<VersionId> {
-    let policy = match store.conflict_policy(&plan.layer)? {
-        // There is nobody to wait for on this machine.
-        ConflictPolicy::Manual => ConflictPolicy::KeepBoth,
-        p => p,
-    };
-    let host = nix::unistd::gethostname()
-        .ok()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "localhost".into());
-    let host = std::env::var("LAMINA_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or(host);
-    let now = now_ns();
-    let base = store.merge_base(server, client)?;
-    let merged = store.mediate(
-        &Mediation {
-            base,
-            server,
-            client,
-            host: &host,
-            now_ns: now,
-        },
-        &mut |_| Ok(Take::for_policy(policy)),
-    )?;
-    let root = merged
-        .root
-        .ok_or_else(|| Error::Invalid("a local merge left a conflict open".into()))?;
-    let v = Version {
-        layer: plan.layer.id,
-        parents: vec![server, client],
-        time_ns: now,
-        author: author.to_owned(),
-        message: format!(
-            "merge of a commit with the head ({} conflicts)",
-            merged.items.len()
-        ),
-        root,
-    };
-    let mut batch = store.batch()?;
-    let id = batch.put_version(&v)?;
-    batch.move_head(&plan.layer, Some(server), id, "commit merge")?;
-    if !merged.items.is_empty() {
-        let rec = ConflictRecord {
-            id: ConflictRecord::new_id(),
-            layer: plan.layer.name.clone(),
-            host,
-            user: String::new(),
-            created_ns: now,
-            policy,
-            base,
-            server,
-            client,
-            merged: Some(id),
-            state: ConflictState::Settled,
-            items: merged.items,
-        };
-        let loser = if policy == ConflictPolicy::ClientWins {
-            server
-        } else {
-            client
-        };
-        let old = store.ref_target(&rec.kept_ref())?;
-        batch.move_ref(&rec.kept_ref(), old, Some(loser), "commit merge")?;
-        batch.put_conflict(&rec)?;
-        report.conflicts.push(rec);
-    }
-    store.commit(batch)?;
-    Ok(id)
 }
 
 fn to_sync(e: Error) -> lamina_sync::Error {

@@ -22,6 +22,25 @@ use crate::auth::Permission;
 use crate::transfer::wire::{self, IDS_TYPE, RECORDS_TYPE};
 use crate::transfer::TransferStats;
 
+/// Checks that the caller may `need` layer `name` (which must exist to be
+/// read), then reads the body: nothing is read for a caller who may not.
+async fn checked_body(
+    st: &ApiState,
+    c: crate::auth::Caller,
+    name: &str,
+    need: Permission,
+    req: Request,
+) -> ApiResult<axum::body::Bytes> {
+    let check = st.clone();
+    let n = name.to_owned();
+    blocking(move || match need {
+        Permission::Read => check.require_layer(&c, &n, need).map(drop),
+        Permission::Write => check.require(&c, &n, need).map(drop),
+    })
+    .await?;
+    raw(req, &()).await
+}
+
 /// Bytes of records the producer hands the socket at a time.
 const SEND_BATCH: usize = 1024 * 1024;
 
@@ -31,10 +50,7 @@ pub(super) async fn missing(
     Path(name): Path<String>,
     req: Request,
 ) -> ApiResult<Response> {
-    let check = st.clone();
-    let n = name.clone();
-    blocking(move || check.require(&c, &n, Permission::Write).map(drop)).await?;
-    let body = raw(req, &()).await?;
+    let body = checked_body(&st, c, &name, Permission::Write, req).await?;
     blocking(move || {
         let ids = wire::decode_ids(&body).map_err(ApiError::from_input)?;
         let store = st.gate.read()?;
@@ -53,10 +69,7 @@ pub(super) async fn fetch(
     Path(name): Path<String>,
     req: Request,
 ) -> ApiResult<Response> {
-    let check = st.clone();
-    let n = name.clone();
-    blocking(move || check.require_layer(&c, &n, Permission::Read).map(drop)).await?;
-    let body = raw(req, &()).await?;
+    let body = checked_body(&st, c, &name, Permission::Read, req).await?;
     let (ids, store) = blocking(move || {
         let ids = wire::decode_ids(&body).map_err(ApiError::from_input)?;
         let store = st.gate.read()?;
@@ -121,16 +134,14 @@ pub(super) async fn upload(
     Path(name): Path<String>,
     req: Request,
 ) -> ApiResult<Json<TransferStats>> {
-    let check = st.clone();
-    let n = name.clone();
-    blocking(move || check.require(&c, &n, Permission::Write).map(drop)).await?;
+    // Only so many bodies in memory at once.
     let _permit = st
         .uploads
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
-    let body = raw(req, &()).await?;
+    let body = checked_body(&st, c, &name, Permission::Write, req).await?;
     blocking(move || {
         let records = wire::decode_records(&body).map_err(ApiError::from_input)?;
         st.gate.pin_uploads()?;

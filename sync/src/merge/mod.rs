@@ -11,6 +11,7 @@
 
 mod conflict;
 mod disk;
+mod local;
 mod resolve;
 mod tree;
 
@@ -21,6 +22,7 @@ use crate::policy::ConflictPolicy;
 use crate::store::Store;
 
 pub use conflict::{ConflictItem, ConflictRecord, ConflictState, ItemKind};
+pub use local::host_name;
 pub use resolve::{Choice, ShownItem};
 pub use tree::{conflict_name, TreeConflict};
 

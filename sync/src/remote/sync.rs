@@ -313,15 +313,8 @@ impl Store {
                     let mut refs = Vec::new();
                     if let Some(r) = record.as_mut() {
                         r.merged = Some(m);
-                        let loser = if policy == ConflictPolicy::ClientWins {
-                            s
-                        } else {
-                            l
-                        };
-                        refs.push((r.kept_ref(), loser));
-                        let old = self.ref_target(&r.kept_ref())?;
-                        batch.move_ref(&r.kept_ref(), old, Some(loser), "merge")?;
-                        batch.put_conflict(r)?;
+                        refs.push((r.kept_ref(), r.loser()));
+                        batch.record_conflict(r, r.loser(), "merge")?;
                     }
                     self.commit(batch)?;
                     report.local = Some(m);

@@ -13,7 +13,7 @@ use lamina_sync::remote::{
 use lamina_sync::{Access, ErrorKind, LockWait, Store, VersionId};
 use serde_json::json;
 
-use crate::cli::{Cli, SyncArgs, TransferArgs};
+use crate::cli::{Cli, SyncArgs, SyncWho, TransferArgs};
 use crate::cmd::{default_author, open, open_with};
 use crate::output::{bytes, time, Out, UsageError};
 use crate::progress::Bar;
@@ -21,12 +21,10 @@ use crate::progress::Bar;
 /// This machine's name for conflict copies: `--host`, `$LAMINA_HOST`, the
 /// host name.
 fn host_name(given: &Option<String>) -> String {
-    given.clone().filter(|h| !h.is_empty()).unwrap_or_else(|| {
-        nix::unistd::gethostname()
-            .ok()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "localhost".into())
-    })
+    given
+        .clone()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(lamina_sync::merge::host_name)
 }
 
 fn short(v: Option<VersionId>) -> String {
@@ -93,20 +91,42 @@ fn connect(
 }
 
 pub fn transfer(cli: &Cli, out: &Out, a: &TransferArgs, mode: Mode) -> anyhow::Result<ExitCode> {
+    run_once(cli, out, &a.remote, Some(&a.layers), &a.who, mode)
+}
+
+/// One-shot pull, push or sync of `layers` (default: every tracked one).
+fn run_once(
+    cli: &Cli,
+    out: &Out,
+    remote: &str,
+    layers: Option<&[String]>,
+    who: &SyncWho,
+    mode: Mode,
+) -> anyhow::Result<ExitCode> {
     let store = open(cli, out, Access::Write)?;
-    let conn = connect(&store, &a.remote, a.retries, false)?;
+    let conn = connect(&store, remote, who.retries, false)?;
+    let layers = match layers {
+        Some(l) if !l.is_empty() => l.to_vec(),
+        _ => store.tracked(remote)?,
+    };
+    if layers.is_empty() {
+        return Err(UsageError(format!(
+            "no layer is tracked from remote {remote} yet: name layers to sync (or pull them first)"
+        ))
+        .into());
+    }
     let bar = Bar::new(out.progress_allowed());
     let opts = SyncOptions {
-        host: host_name(&a.host),
-        author: a.author.clone().unwrap_or_else(default_author),
+        host: host_name(&who.host),
+        author: who.author.clone().unwrap_or_else(default_author),
         progress: &bar,
     };
     let mut reports = Vec::new();
-    for layer in &a.layers {
+    for layer in &layers {
         reports.push(store.sync_layer(&conn, layer, mode, &opts)?);
     }
     drop(bar);
-    print_reports(out, &a.remote, &reports, &conn)
+    print_reports(out, remote, &reports, &conn)
 }
 
 fn print_reports(
@@ -139,31 +159,7 @@ pub fn sync(cli: &Cli, out: &Out, a: &SyncArgs) -> anyhow::Result<ExitCode> {
         }
         return watch(cli, out, &remote, a, interval);
     }
-    let store = open(cli, out, Access::Write)?;
-    let conn = connect(&store, &remote, a.retries, false)?;
-    let layers = if a.layers.is_empty() {
-        store.tracked(&remote)?
-    } else {
-        a.layers.clone()
-    };
-    if layers.is_empty() {
-        return Err(UsageError(format!(
-            "no layer is tracked from remote {remote} yet: name layers to sync (or pull them first)"
-        ))
-        .into());
-    }
-    let bar = Bar::new(out.progress_allowed());
-    let opts = SyncOptions {
-        host: host_name(&a.host),
-        author: a.author.clone().unwrap_or_else(default_author),
-        progress: &bar,
-    };
-    let mut reports = Vec::new();
-    for layer in &layers {
-        reports.push(store.sync_layer(&conn, layer, Mode::Sync, &opts)?);
-    }
-    drop(bar);
-    print_reports(out, &remote, &reports, &conn)
+    run_once(cli, out, &remote, Some(&a.layers), &a.who, Mode::Sync)
 }
 
 /// The heads of `layers` as the catalog has them now.
@@ -254,8 +250,8 @@ fn watch(
     let reader = open(cli, out, Access::Serve)?;
     let conn = connect(&reader, remote, 0, true)?;
     let opts = SyncOptions {
-        host: host_name(&a.host),
-        author: a.author.clone().unwrap_or_else(default_author),
+        host: host_name(&a.who.host),
+        author: a.who.author.clone().unwrap_or_else(default_author),
         progress: &lamina_sync::NoProgress,
     };
     let mut status = SyncStatus::load(&reader, remote)?.unwrap_or(SyncStatus {
