@@ -23,12 +23,33 @@
 //! a version back out; [`Store::diff`] compares two versions; [`Store::fsck`]
 //! verifies everything; [`Store::gc`] removes unreachable chunks.
 //!
+//! # Sync between stores
+//!
+//! * Identities and grants (users, groups, tokens, per-layer grants) are
+//!   catalog records ([`Store::authenticate`], [`Store::permission`]);
+//!   every layer has a [`ConflictPolicy`].
+//! * [`transfer`] is the transport-free part of moving versions: the
+//!   [`transfer::Delta`] of a version over its parent, verified receipt of
+//!   records, fetching a closure from a [`transfer::RecordSource`], and
+//!   accepting a push by compare-and-swap.
+//! * [`merge`] is the mediator: three-way merges of trees (per path) and
+//!   disks (per cluster), conflict records and their resolution.
+//! * [`api`] serves a store over HTTPS (axum, rustls); [`protocol`] lists its
+//!   routes and messages; [`remote`] is the client: remotes, pull, push,
+//!   sync and the watch daemon's status.
+//! * [`control`] lets a command reach a long-running process holding part
+//!   of the store (a mount daemon, a disk server).
+//!
 //! # Threads
 //!
-//! Everything here is synchronous. An import uses the calling thread plus one
+//! The store is synchronous. An import uses the calling thread plus one
 //! worker per core (scoped; none outlive the call). A [`Store`] is
 //! `Send + Sync`; async callers must reach it through `spawn_blocking` or a
-//! dedicated thread.
+//! dedicated thread — [`api`] does so through one helper
+//! ([`api::gate::blocking`]), and its [`api::Gate`] keeps a reaper thread
+//! that closes an idle writer. A [`remote::Connection`] owns a one-worker
+//! tokio runtime and blocks the calling thread on each request; its worker
+//! keeps a long-lived connection alive between requests.
 //!
 //! # Example
 //!

@@ -8,7 +8,7 @@
 //!   default, with HTTP/1.1 and HTTP/2, request logs, and graceful
 //!   shutdown.
 //! * Every handler authenticates ([`Authed`]: 401 before the handler runs),
-//!   then authorises against the layer it touches ([`ApiState::require`]:
+//!   then authorises against the layer it touches (`ApiState::require`:
 //!   403 naming the layer), then does its store work on the blocking pool
 //!   ([`gate::blocking`]).
 //!

@@ -114,7 +114,7 @@ async fn log(req: Request, next: Next) -> Response {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then stops
-/// accepting and gives open requests [`DRAIN_TIMEOUT`] to finish.
+/// accepting and gives open requests `DRAIN_TIMEOUT` to finish.
 ///
 /// # Errors
 /// The listener fails.

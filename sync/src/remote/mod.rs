@@ -5,7 +5,7 @@
 //! * A layer is **tracked** from a remote once it was pulled from or pushed
 //!   to it; the ref `remote/REMOTE/LAYER` names the server's head as last
 //!   seen, and keeps the fetched versions alive.
-//! * [`Connection`] is one HTTP/2 client over TLS to a remote; [`sync`]
+//! * [`Connection`] is one HTTP/2 client over TLS to a remote; `Store::sync_layer`
 //!   has the operations built on it: pull (check-out), push (check-in) and
 //!   sync (pull, merge through the mediator, push).
 
