@@ -305,3 +305,48 @@ fn pushes_survive_cuts_a_killed_server_stale_heads_and_bad_chunks() {
     drop(server);
     fsck_ok(&c.env);
 }
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_and_moves_no_ref() {
+    let (c, tok, server, proxy, _) = setup();
+    let l = Laptop::new("l", &proxy.url(), &tok, &c.certs.ca);
+    l.sync("pull", &["vm/disk"]);
+    let want = (256 * CL) as u64;
+    change(&l, 0, 256, 5);
+    let before = head(&c.env, "vm/disk");
+    proxy.set_faults(Faults {
+        delay: Some(Duration::from_millis(3)),
+        ..Faults::default()
+    });
+    let child = l
+        .env
+        .cmd()
+        .args(["push", "origin", "vm/disk", "--retries", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.up.load(Ordering::SeqCst) < want / 4 {
+        assert!(Instant::now() < deadline, "the push did not get going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let log = server.log.clone();
+    // SIGTERM mid-upload: the server stops accepting, finishes what is in
+    // flight, and exits 0.
+    assert_eq!(server.stop().code(), Some(0));
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the push cannot have finished");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let text = fs::read_to_string(&log).unwrap();
+    let (_, after) = text
+        .split_once("shutting down: waiting for open requests")
+        .unwrap_or_else(|| panic!("no shutdown line in the server log:\n{text}"));
+    assert!(
+        after.contains("/api/v1/upload/vm/disk") && after.contains("status=200"),
+        "the upload in flight did not finish:\n{after}"
+    );
+    assert_eq!(head(&c.env, "vm/disk"), before, "a ref moved");
+    fsck_ok(&c.env);
+}
