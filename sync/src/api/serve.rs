@@ -136,6 +136,9 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
+        // Windows that grow with the bandwidth-delay product: the 64 KiB
+        // default caps an upload to 64 KiB per round trip.
+        .adaptive_window(true)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);

@@ -109,7 +109,9 @@ impl Connection {
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(120))
             .timeout(opts.request_timeout)
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // As on the server: windows follow the bandwidth-delay product.
+            .http2_adaptive_window(true);
         b = if opts.keep_alive {
             b.pool_idle_timeout(None)
                 .http2_keep_alive_interval(Duration::from_secs(15))
