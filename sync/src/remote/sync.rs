@@ -241,7 +241,10 @@ impl Store {
                     let Some(s) = server_head else { continue };
                     if mode == Mode::Push {
                         return Err(Error::RefConflict {
-                            name: format!("{name} on remote {}", conn.name()),
+                            name: format!(
+                                "{name} on remote {} (both sides changed: `lamina sync` merges them)",
+                                conn.name()
+                            ),
                             expected: l.short(),
                             found: s.short(),
                         });
