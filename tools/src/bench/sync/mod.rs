@@ -10,13 +10,18 @@
 //!   writes to a raw copy, then `rsync --inplace --no-whole-file` to an
 //!   rsync daemon holding the original.
 //! * **tree**: `--files` small files in 1 000 directories; 1 % changed (half
-//!   rewritten, half by an insert in the middle). Lamina: `layer import`
-//!   (unchanged files skipped by the import cache) + `push`. rsync: `rsync
-//!   -a --no-whole-file` to the daemon.
+//!   rewritten, half by an insert in the middle). Lamina, as a laptop uses
+//!   it: the changes are made in a mounted composition (so they land in its
+//!   upper), and the check-in is `commit` (which reads only the upper) +
+//!   `push`. **tree-scan**: another 1 % changed in a plain working copy, and
+//!   the check-in is `layer import` (every file stat'ed, unchanged ones
+//!   skipped by the import cache) + `push`. rsync: `rsync -a
+//!   --no-whole-file` to the daemon, both rounds.
 //! * **two-way**: the tree again; the server side and the laptop each change
-//!   1 % of different files. Lamina: the laptop's `layer import` + `sync`
-//!   (the admin's `layer import` on the server happened before). unison
-//!   2.52: one run between the two replicas over its socket protocol.
+//!   1 % of different files (the laptop through its mount). Lamina: the
+//!   laptop's `commit` + `sync` (the admin's `layer import` on the server
+//!   happened before). unison 2.52: one run between the two replicas over
+//!   its socket protocol.
 //!
 //! Every run starts with the page cache dropped. Wire bytes are the
 //! namespace's `lo` transmit counter (every packet, TLS and TCP included);
@@ -132,11 +137,9 @@ pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
 /// The measured part, run inside the namespace; prints its rows as JSON.
 pub fn inner(exe: &Path, spec: &str) -> anyhow::Result<()> {
     let inner: Inner = serde_json::from_str(spec).context("bad --inner spec")?;
-    let rows = vec![
-        disk(&inner, exe)?,
-        tree(&inner, exe)?,
-        two_way(&inner, exe)?,
-    ];
+    let mut rows = vec![disk(&inner, exe)?];
+    rows.extend(tree(&inner, exe)?);
+    rows.push(two_way(&inner, exe)?);
     println!("{}", serde_json::to_string(&rows)?);
     Ok(())
 }
@@ -255,7 +258,7 @@ pub fn render(r: &SyncReport) -> String {
         bytes(r.tree_bytes)
     );
     s.push_str(&format!(
-        "{:<8} {:<10} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11} {:>11} {:>11} {:>9}\n",
+        "{:<9} {:<10} {:>10} {:>9} {:>9} {:>7} {:>11} {:>11} {:>11} {:>11} {:>9}\n",
         "data",
         "link",
         "changed",
@@ -270,7 +273,7 @@ pub fn render(r: &SyncReport) -> String {
     ));
     for row in &r.rows {
         s.push_str(&format!(
-            "{:<8} {:<10} {:>10} {:>9.2} {:>9.2} {:>6.1}x {:>11} {:>11} {:>11} {:>11} {:>9}\n",
+            "{:<9} {:<10} {:>10} {:>9.2} {:>9.2} {:>6.1}x {:>11} {:>11} {:>11} {:>11} {:>9}\n",
             row.data,
             row.link,
             bytes(row.changed_bytes),

@@ -390,94 +390,148 @@ pub(super) fn disk(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     Ok(row("disk", inner, changed, lamina, "rsync", peer))
 }
 
-pub(super) fn tree(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
+/// Mounts composition `desk` (layer `layer`) of the laptop, lets `edit`
+/// change the mounted tree, and unmounts: the changes are in its upper.
+fn through_mount(
+    l: &LaminaSide,
+    work: &Path,
+    layer: &str,
+    edit: impl FnOnce(&Path) -> anyhow::Result<u64>,
+) -> anyhow::Result<u64> {
+    let mnt = work.join("mnt");
+    fs::create_dir_all(&mnt)?;
+    if l.ok(&l.laptop, &["compose", "show", "desk"]).is_err() {
+        l.ok(
+            &l.laptop,
+            &[
+                "compose",
+                "create",
+                "desk",
+                "--layer",
+                &format!("data={layer}"),
+            ],
+        )?;
+    }
+    l.ok(&l.laptop, &["mount", "desk", &mnt.to_string_lossy()])?;
+    let changed = edit(&mnt);
+    l.ok(&l.laptop, &["umount", &mnt.to_string_lossy()])?;
+    changed
+}
+
+fn same_tree(a: &Path, b: &Path, what: &str) -> anyhow::Result<()> {
+    let diff = Command::new("diff").args(["-rq"]).arg(a).arg(b).output()?;
+    if !diff.status.success() {
+        bail!(
+            "{what}: the trees differ: {}",
+            String::from_utf8_lossy(&diff.stdout)
+                .lines()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Two rounds on the tree. Mounted: the laptop's changes land in a
+/// composition's upper, and the check-in is `commit` (reading only the
+/// upper) + `push`. Scanned: the changes are made to a plain directory, and
+/// the check-in is `layer import` (stat of every file; unchanged ones are
+/// not read) + `push`. rsync gets the same changes each round.
+pub(super) fn tree(inner: &Inner, exe: &Path) -> anyhow::Result<Vec<Row>> {
     let work = inner.work.join(format!("tree-{}", inner.link));
     fs::create_dir_all(&work)?;
     let l = LaminaSide::new(exe, &work)?;
+    let layer = "user/alice/tree";
     l.ok(
         &l.central,
         &[
-            "layer",
-            "create",
-            "user/alice/tree",
-            "--kind",
-            "data",
-            "--format",
-            "tree",
+            "layer", "create", layer, "--kind", "data", "--format", "tree",
         ],
     )?;
     l.ok(
         &l.central,
-        &[
-            "layer",
-            "import",
-            "user/alice/tree",
-            &inner.tree.to_string_lossy(),
-        ],
+        &["layer", "import", layer, &inner.tree.to_string_lossy()],
     )?;
-    l.ok(&l.laptop, &["pull", "origin", "user/alice/tree"])?;
-    let mine = work.join("laptop-tree");
-    run_ok(
-        Command::new("cp").arg("-a").arg(&inner.tree).arg(&mine),
-        "cp",
-    )?;
-    // The laptop's own import of its working tree fills its import cache
-    // (as a real laptop's earlier check-ins did).
-    l.ok(
-        &l.laptop,
-        &[
-            "layer",
-            "import",
-            "user/alice/tree",
-            &mine.to_string_lossy(),
-        ],
-    )?;
-    l.ok(&l.laptop, &["push", "origin", "user/alice/tree"])?;
+    l.ok(&l.laptop, &["pull", "origin", layer])?;
     let srv = work.join("rsync-server");
-    run_ok(
-        Command::new("cp").arg("-a").arg(&inner.tree).arg(&srv),
-        "cp",
-    )?;
-    let changed = change_tree(&mine, inner.files, 7, 11)?;
+    let mine = work.join("rsync-client");
+    for d in [&srv, &mine] {
+        run_ok(Command::new("cp").arg("-a").arg(&inner.tree).arg(d), "cp")?;
+    }
+    let (_daemon, port) = rsync_daemon(&work, &srv)?;
+    let rsync = || {
+        step(
+            None,
+            &mut [(
+                Command::new("rsync")
+                    .args(["-a", "--no-whole-file"])
+                    .arg(format!("{}/", mine.display()))
+                    .arg(format!("rsync://127.0.0.1:{port}/m/")),
+                "rsync",
+            )],
+        )
+    };
+    // Round 1: mounted.
+    let changed = through_mount(&l, &work, layer, |m| change_tree(m, inner.files, 7, 11))?;
+    change_tree(&mine, inner.files, 7, 11)?;
     let lamina = step(
         l.server_pid(),
         &mut [
+            (l.cmd(&l.laptop).args(["commit", "desk"]), "lamina commit"),
             (
-                l.cmd(&l.laptop)
-                    .args(["layer", "import", "user/alice/tree"])
-                    .arg(&mine),
-                "lamina layer import",
-            ),
-            (
-                l.cmd(&l.laptop).args(["push", "origin", "user/alice/tree"]),
+                l.cmd(&l.laptop).args(["push", "origin", layer]),
                 "lamina push",
             ),
         ],
     )?;
-    let (_daemon, port) = rsync_daemon(&work, &srv)?;
-    let peer = step(
-        None,
-        &mut [(
-            Command::new("rsync")
-                .args(["-a", "--no-whole-file"])
-                .arg(format!("{}/", mine.display()))
-                .arg(format!("rsync://127.0.0.1:{port}/m/")),
-            "rsync",
-        )],
+    let peer = rsync()?;
+    let back = work.join("back");
+    l.ok(
+        &l.central,
+        &["layer", "export", layer, &back.to_string_lossy()],
     )?;
-    let diff = Command::new("diff")
-        .args(["-rq"])
-        .arg(&mine)
-        .arg(&srv)
-        .output()?;
-    if !diff.status.success() {
-        bail!(
-            "rsync left the trees different: {}",
-            String::from_utf8_lossy(&diff.stdout)
-        );
-    }
+    same_tree(&back, &mine, "mounted check-in")?;
+    same_tree(&srv, &mine, "rsync")?;
+    let mounted = row("tree", inner, changed, lamina, "rsync", peer);
+    // Round 2: scanned, from a working copy whose import cache is warm (as
+    // a laptop's is after its earlier check-ins).
+    let scan = work.join("scan-tree");
+    l.ok(
+        &l.laptop,
+        &["layer", "export", layer, &scan.to_string_lossy()],
+    )?;
+    l.ok(
+        &l.laptop,
+        &["layer", "import", layer, &scan.to_string_lossy()],
+    )?;
+    l.ok(&l.laptop, &["push", "origin", layer])?;
+    let changed = change_tree(&scan, inner.files, 8, 13)?;
+    change_tree(&mine, inner.files, 8, 13)?;
+    let lamina = step(
+        l.server_pid(),
+        &mut [
+            (
+                l.cmd(&l.laptop).args(["layer", "import", layer]).arg(&scan),
+                "lamina layer import",
+            ),
+            (
+                l.cmd(&l.laptop).args(["push", "origin", layer]),
+                "lamina push",
+            ),
+        ],
+    )?;
+    let peer = rsync()?;
+    fs::remove_dir_all(&back)?;
+    l.ok(
+        &l.central,
+        &["layer", "export", layer, &back.to_string_lossy()],
+    )?;
+    same_tree(&back, &mine, "scanned check-in")?;
+    same_tree(&srv, &mine, "rsync")?;
+    let scanned = row("tree-scan", inner, changed, lamina, "rsync", peer);
     let _ = fs::remove_dir_all(&work);
-    Ok(row("tree", inner, changed, lamina, "rsync", peer))
+    Ok(vec![mounted, scanned])
 }
 
 pub(super) fn two_way(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
@@ -492,19 +546,18 @@ pub(super) fn two_way(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
         ],
     )?;
     let server_tree = work.join("server-tree");
-    let mine = work.join("laptop-tree");
-    for d in [&server_tree, &mine] {
-        run_ok(Command::new("cp").arg("-a").arg(&inner.tree).arg(d), "cp")?;
-    }
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&inner.tree)
+            .arg(&server_tree),
+        "cp",
+    )?;
     l.ok(
         &l.central,
         &["layer", "import", layer, &server_tree.to_string_lossy()],
     )?;
     l.ok(&l.laptop, &["pull", "origin", layer])?;
-    l.ok(
-        &l.laptop,
-        &["layer", "import", layer, &mine.to_string_lossy()],
-    )?;
     // unison's replicas, with archives from a first run.
     let ua = work.join("unison-a");
     let ub = work.join("unison-b");
@@ -545,8 +598,9 @@ pub(super) fn two_way(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     };
     run_ok(&mut unison(&home), "unison (first run)")?;
     // Both sides change 1 % of different files.
+    // The laptop's changes land in its mounted composition's upper.
     let mut changed = change_tree(&server_tree, inner.files, 3, 21)?;
-    changed += change_tree(&mine, inner.files, 5, 31)?;
+    changed += through_mount(&l, &work, layer, |m| change_tree(m, inner.files, 5, 31))?;
     change_tree(&ub, inner.files, 3, 21)?;
     change_tree(&ua, inner.files, 5, 31)?;
     l.ok(
@@ -556,10 +610,7 @@ pub(super) fn two_way(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     let lamina = step(
         l.server_pid(),
         &mut [
-            (
-                l.cmd(&l.laptop).args(["layer", "import", layer]).arg(&mine),
-                "lamina layer import",
-            ),
+            (l.cmd(&l.laptop).args(["commit", "desk"]), "lamina commit"),
             (
                 l.cmd(&l.laptop).args(["sync", "origin", layer]),
                 "lamina sync",
