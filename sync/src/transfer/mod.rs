@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use crate::chunk::Sealed;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, ManifestId};
-use crate::manifest::Node;
+use crate::manifest::{Content, EntryKind, Extent, Node};
 use crate::progress::Progress;
 use crate::store::Store;
 
@@ -35,8 +35,11 @@ pub use delta::Delta;
 
 /// Manifest nodes asked for in one request.
 pub const NODE_BATCH: usize = 1024;
-/// Data chunks asked for in one request (≈ 16 MiB at the average chunk).
-pub const DATA_BATCH: usize = 256;
+/// Plain bytes of data chunks asked for in one request.
+pub const DATA_BATCH_BYTES: u64 = 16 * 1024 * 1024;
+/// Most data chunks asked for in one request (small files make small
+/// chunks: a batch of them is still one round trip).
+pub const DATA_BATCH_IDS: usize = 8192;
 /// Plain bytes a sender puts in one record batch.
 pub const BATCH_BYTES: usize = 8 * 1024 * 1024;
 
@@ -113,6 +116,7 @@ impl Store {
         let mut stats = TransferStats::default();
         let mut fetched: HashMap<ManifestId, (Sealed, Node)> = HashMap::new();
         let mut candidates: Vec<ChunkId> = Vec::new();
+        let mut sizes: HashMap<ChunkId, u64> = HashMap::new();
         let mut candidate_set: HashSet<ChunkId> = HashSet::new();
         let mut level: Vec<ManifestId> = self
             .lacking(roots.iter().map(|r| r.chunk()))?
@@ -146,6 +150,7 @@ impl Store {
                             candidates.push(child);
                         }
                     }
+                    data_sizes(&node, &mut sizes);
                     fetched.insert(*id, (sealed, node));
                 }
             }
@@ -163,7 +168,7 @@ impl Store {
         progress.phase("data", None);
         let _g = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
         let mut done: HashSet<ChunkId> = HashSet::new();
-        for batch in missing.chunks(DATA_BATCH) {
+        for batch in batches(&missing, &sizes) {
             let want: Vec<ChunkId> = batch
                 .iter()
                 .filter(|c| !done.contains(c))
@@ -228,6 +233,51 @@ impl Store {
     }
 }
 
+/// Notes the plain length of every data chunk `node` names.
+fn data_sizes(node: &Node, sizes: &mut HashMap<ChunkId, u64>) {
+    let mut extents = |e: &[Extent]| {
+        for x in e {
+            if let Extent::Data { chunk, len } = x {
+                sizes.insert(*chunk, u64::from(*len));
+            }
+        }
+    };
+    match node {
+        Node::Dir(d) => {
+            for e in &d.entries {
+                if let EntryKind::File {
+                    content: Content::Inline(x),
+                    ..
+                } = &e.kind
+                {
+                    extents(x);
+                }
+            }
+        }
+        Node::Extents(l) => extents(&l.extents),
+        _ => {}
+    }
+}
+
+/// Splits `ids` into requests of about [`DATA_BATCH_BYTES`] (a chunk of
+/// unknown size, a disk cluster, counts as 64 KiB).
+fn batches<'a>(ids: &'a [ChunkId], sizes: &HashMap<ChunkId, u64>) -> Vec<&'a [ChunkId]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, id) in ids.iter().enumerate() {
+        bytes += sizes.get(id).copied().unwrap_or(64 * 1024);
+        if bytes >= DATA_BATCH_BYTES || i + 1 - start >= DATA_BATCH_IDS {
+            out.push(&ids[start..=i]);
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < ids.len() {
+        out.push(&ids[start..]);
+    }
+    out
+}
+
 /// Appends `id`'s subtree of fetched nodes to `out`, children first.
 fn post_order(
     id: ManifestId,
@@ -257,5 +307,27 @@ fn post_order(
                 stack.push((c, false));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_follow_bytes_and_count() {
+        let ids: Vec<ChunkId> = (0..20_000u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        // Small chunks: the count limit cuts.
+        let small: HashMap<ChunkId, u64> = ids.iter().map(|i| (*i, 1000)).collect();
+        let b = batches(&ids, &small);
+        assert_eq!(b.len(), 3);
+        assert_eq!(b[0].len(), DATA_BATCH_IDS);
+        // Unknown sizes count as a cluster: 256 a batch.
+        let b = batches(&ids[..1000], &HashMap::new());
+        assert_eq!(b[0].len(), 256);
+        assert_eq!(b.iter().map(|x| x.len()).sum::<usize>(), 1000);
+        assert!(batches(&[], &HashMap::new()).is_empty());
     }
 }
