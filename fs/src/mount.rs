@@ -412,6 +412,7 @@ impl Mounted {
         let served = self.session.run();
         self.cache.stop();
         let _ = fs::remove_file(info_path(&self.store_root, &self.comp));
+        // Nobody answers on it any more; a leftover is replaced at the next mount.
         let _ = fs::remove_file(crate::control::socket_path(&self.store_root, &self.comp));
         if self.comp.mode == Mode::Revert {
             clear_uppers(&self.store_root, &self.comp)?;

@@ -400,6 +400,7 @@ pub fn commit_served(
             if let Err(back) = export.blockmap().absorb(&committing) {
                 tracing::error!(error = %back, "could not give a failed commit's changes back");
             } else {
+                // Absorbed: a leftover would only be absorbed again.
                 let _ = fs::remove_file(&committing);
             }
             Err(e)

@@ -379,6 +379,7 @@ pub fn reset(store: &Store, name: &str) -> Result<()> {
             "disk `{name}` was committed while served; commit it (or remove it) instead of a reset, which would drop committed changes from the disk"
         )));
     }
+    // A reset drops every change, set aside or not; it may not exist.
     let _ = fs::remove_file(rec.committing(store));
     empty_overlay(store, &rec)
 }

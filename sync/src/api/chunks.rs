@@ -101,6 +101,7 @@ pub(super) async fn fetch(
                 }
                 Err(e) => {
                     tracing::warn!(chunk = %id, error = %e, "cannot send a chunk; cutting the stream");
+                    // The client sees the stream cut; it may already be gone.
                     let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
                     return;
                 }

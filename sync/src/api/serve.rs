@@ -156,6 +156,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Only latency is at stake.
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(router.clone());
         let builder = builder.clone();

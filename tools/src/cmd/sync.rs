@@ -214,6 +214,7 @@ fn check_in_live(store: &Store, layers: &[String], author: &str) {
             }
         }
     }
+    // A stale view only delays the next round's change detection.
     let _ = store.refresh();
 }
 
@@ -270,6 +271,7 @@ fn watch(
     while !stop.load(Ordering::SeqCst) {
         round += 1;
         status.last_attempt_ns = lamina_sync::now_ns();
+        // A stale view only means the round sees what it saw before.
         let _ = reader.refresh();
         let tracked = if a.layers.is_empty() {
             reader.tracked(remote).unwrap_or_default()
@@ -341,7 +343,8 @@ fn watch(
         if let Err(e) = status.save(&reader) {
             tracing::warn!(error = %e, "could not record the sync status");
         }
-        // Wait for the next round, a local change, or a stop.
+        // Wait for the next round, a local change, or a stop (a failed
+        // refresh leaves the heads as they were: the wait just runs out).
         let _ = reader.refresh();
         let before = heads(&reader, &layers);
         let deadline = Instant::now() + wait;

@@ -386,6 +386,7 @@ pub(super) fn disk(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
     if !same_file(&back, &cli.join("disk.raw"))? || !same_file(&srv.join("disk.raw"), &back)? {
         bail!("the disk checked in differs from the disk rsync copied");
     }
+    // Space only: the work directory goes with the run anyway.
     let _ = fs::remove_dir_all(&work);
     Ok(row("disk", inner, changed, lamina, "rsync", peer))
 }
@@ -530,6 +531,7 @@ pub(super) fn tree(inner: &Inner, exe: &Path) -> anyhow::Result<Vec<Row>> {
     same_tree(&back, &mine, "scanned check-in")?;
     same_tree(&srv, &mine, "rsync")?;
     let scanned = row("tree-scan", inner, changed, lamina, "rsync", peer);
+    // Space only: the work directory goes with the run anyway.
     let _ = fs::remove_dir_all(&work);
     Ok(vec![mounted, scanned])
 }
@@ -642,6 +644,7 @@ pub(super) fn two_way(inner: &Inner, exe: &Path) -> anyhow::Result<Row> {
             );
         }
     }
+    // Space only: the work directory goes with the run anyway.
     let _ = fs::remove_dir_all(&work);
     Ok(row("two-way", inner, changed, lamina, "unison", peer))
 }
