@@ -594,6 +594,14 @@ fn offline_changes_on_two_laptops_and_the_server_merge_by_policy() {
     let list = pending["conflicts"].as_array().unwrap();
     assert_eq!(list.len(), 1, "{pending}");
     let id = list[0]["id"].as_str().unwrap().to_owned();
+    // The laptop sees it too, locally and on the server.
+    for args in [
+        vec!["conflicts", "ls"],
+        vec!["conflicts", "ls", "--remote", "origin"],
+    ] {
+        let seen = b.env.json(&args);
+        assert_eq!(seen["conflicts"][0]["id"], id.as_str(), "{args:?}: {seen}");
+    }
     assert_eq!(
         tree_at(&c.env, "user/alice/notes")["notes.txt"],
         b"one\ntwo by a\nthree\n"

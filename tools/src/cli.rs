@@ -315,6 +315,9 @@ pub enum ConflictsCommand {
         /// Also settled and resolved ones
         #[arg(long)]
         all: bool,
+        /// Ask this remote instead (a user sees the conflicts of their check-ins; an admin all)
+        #[arg(long, value_name = "REMOTE")]
+        remote: Option<String>,
     },
     /// Show a conflict; text files come pre-merged with diff3 markers
     Show {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use lamina_sync::merge::{Choice, ConflictState};
+use lamina_sync::remote::{ConnectOptions, Connection};
 use lamina_sync::Access;
 use serde_json::json;
 
@@ -15,10 +16,16 @@ use crate::progress::Bar;
 
 pub fn run(cli: &Cli, out: &Out, c: &ConflictsCommand) -> anyhow::Result<ExitCode> {
     match c {
-        ConflictsCommand::Ls { all } => {
+        ConflictsCommand::Ls { all, remote } => {
             let store = open(cli, out, Access::Read)?;
-            let list: Vec<_> = store
-                .conflicts()?
+            let every = match remote {
+                None => store.conflicts()?,
+                Some(r) => {
+                    let cfg = store.remote(r)?;
+                    Connection::open(&cfg, &ConnectOptions::default())?.conflicts()?
+                }
+            };
+            let list: Vec<_> = every
                 .into_iter()
                 .filter(|c| *all || c.state == ConflictState::Pending)
                 .collect();
