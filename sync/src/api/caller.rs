@@ -3,7 +3,7 @@
 //! Authorisation is checked in each handler against the layer it touches
 //! ([`ApiState::require`]).
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
@@ -17,10 +17,15 @@ use crate::layer::Layer;
 #[derive(Debug, Clone)]
 pub struct Authed(pub Caller);
 
-impl FromRequestParts<ApiState> for Authed {
+impl<S> FromRequestParts<S> for Authed
+where
+    S: Send + Sync,
+    ApiState: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let state = ApiState::from_ref(state);
         let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
             ApiError::Unauthenticated("no token given (Authorization: Bearer …)".into())
         })?;

@@ -36,7 +36,7 @@ use axum::Router;
 use tokio::sync::Semaphore;
 
 pub use caller::Authed;
-pub use error::{ApiError, ApiResult};
+pub use error::{ApiError, ApiResult, Body};
 pub use gate::Gate;
 pub use serve::{serve, tls_config, Listening, ServeError};
 

@@ -296,6 +296,28 @@ impl Connection {
         })
     }
 
+    /// Calls another API served beside the sync API (the broker's): `method`
+    /// (`GET`, `POST`, `PUT`, `DELETE`) on `/api/v1/PATH`, JSON both ways.
+    ///
+    /// # Errors
+    /// [`Error::RemoteRefused`] with the server's message, transport
+    /// failures.
+    pub fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let m = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|_| Error::InvalidInput(format!("no HTTP method {method:?}")))?;
+        let body = body.map(|b| ("application/json", b.to_string().into_bytes()));
+        let answer = self.call(m, path, body)?;
+        if answer.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        self.decode(path, &answer)
+    }
+
     /// Who the token belongs to.
     ///
     /// # Errors
