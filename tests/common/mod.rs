@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fuse;
+pub mod guest;
 pub mod net;
 
 use std::collections::{BTreeMap, HashMap};

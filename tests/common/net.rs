@@ -110,11 +110,19 @@ impl Server {
     /// Starts a server on `store` (TLS with `certs`) at `listen`
     /// (`127.0.0.1:0` for any port) and waits until it listens.
     pub fn start(store: &Path, certs: &Certs, listen: &str) -> Server {
+        Server::spawn(store, certs, listen, &["server"])
+    }
+
+    /// Starts `lamina --json COMMAND… --listen LISTEN` with TLS (`server`
+    /// with options, `host-agent`) and waits until it listens.
+    pub fn spawn(store: &Path, certs: &Certs, listen: &str, command: &[&str]) -> Server {
         let log = store.with_extension(format!("server-{}.log", rand::random::<u16>()));
         let mut child = Command::new(bin())
             .arg("--store")
             .arg(store)
-            .args(["--json", "server", "--listen", listen, "--tls-cert"])
+            .arg("--json")
+            .args(command)
+            .args(["--listen", listen, "--tls-cert"])
             .arg(&certs.cert)
             .arg("--tls-key")
             .arg(&certs.key)

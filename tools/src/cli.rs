@@ -4,6 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+mod broker;
+pub use broker::{
+    AuditCommand, HostAgentArgs, HostCommand, PoolCommand, PoolCreateArgs, SessionCommand,
+};
+
 /// Lamina: layered, versioned, synchronised VM disks and file trees.
 #[derive(Debug, Parser)]
 #[command(name = "lamina", version, about, propagate_version = true)]
@@ -89,6 +94,20 @@ pub enum Command {
     /// Conflicts the mediator met; those of `manual` layers wait here for an admin
     #[command(subcommand)]
     Conflicts(ConflictsCommand),
+    /// Run this host's VMs for a broker: the VM runner behind an HTTPS API
+    HostAgent(HostAgentArgs),
+    /// Hosts whose agents run the pools' VMs
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Pools of VMs kept within their rules and handed to subscribed users
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Users' desktops: ask a pool for one, end it, list them
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// The audit log: logins, allocations, admin and rule-engine actions
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Measure Lamina against the tools a user would use instead
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -168,6 +187,9 @@ pub struct ServerArgs {
     /// Plain HTTP instead of TLS (loopback addresses only, for development)
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
     pub insecure: bool,
+    /// How often the broker's rule engine checks the pools
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub rules_interval: String,
 }
 
 /// `lamina user ...`

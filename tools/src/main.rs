@@ -42,7 +42,9 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 // A server logs a line per request by default.
                 tracing_subscriber::EnvFilter::new(match cli.command {
-                    Command::Server(_) => "info,hyper=warn,h2=warn,rustls=warn",
+                    Command::Server(_) | Command::HostAgent(_) => {
+                        "info,hyper=warn,h2=warn,rustls=warn"
+                    }
                     _ => "warn,fuser=error",
                 })
             }),
@@ -127,5 +129,10 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Push(a) => cmd::sync::transfer(cli, out, a, lamina_sync::remote::Mode::Push),
         Command::Sync(a) => cmd::sync::sync(cli, out, a),
         Command::Conflicts(c) => cmd::conflicts::run(cli, out, c),
+        Command::HostAgent(a) => cmd::server::host_agent(cli, out, a),
+        Command::Host(c) => cmd::broker::host(cli, out, c),
+        Command::Pool(c) => cmd::broker::pool(cli, out, c),
+        Command::Session(c) => cmd::broker::session(cli, out, c),
+        Command::Audit(c) => cmd::broker::audit(cli, out, c),
     }
 }

@@ -1,5 +1,6 @@
 //! Command implementations, one module per noun.
 
+pub mod broker;
 pub mod compose;
 pub mod conflicts;
 pub mod disk;

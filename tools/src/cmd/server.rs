@@ -1,24 +1,34 @@
-//! `lamina server`: this store over HTTPS. The routers come from library
-//! crates (the sync API from `lamina-sync`); this file only wires them to a
-//! listener.
+//! `lamina server` and `lamina host-agent`: this store over HTTPS. The
+//! routers come from library crates (the sync API from `lamina-sync`, the
+//! broker's API and the host agent from `lamina-broker`); this file only
+//! wires them to a listener.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
+use lamina_broker::agent::{self, AgentState, HostOps};
+use lamina_broker::api::BrokerState;
+use lamina_broker::Broker;
 use lamina_sync::api::{self, ApiState};
 
-use crate::cli::{Cli, ServerArgs};
+use crate::cli::{Cli, HostAgentArgs, ServerArgs};
 use crate::cmd::store_path;
 use crate::output::{Out, UsageError};
 
-pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
-    let addr: SocketAddr = a.listen.parse().map_err(|e| {
-        UsageError(format!(
-            "bad --listen `{}`: {e} (expected HOST:PORT)",
-            a.listen
-        ))
-    })?;
-    let tls = match (&a.tls_cert, &a.tls_key, a.insecure) {
+/// The address and TLS set-up of a listener, checked.
+fn listener_config(
+    listen: &str,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    insecure: bool,
+) -> anyhow::Result<(SocketAddr, Option<Arc<rustls::ServerConfig>>)> {
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|e| UsageError(format!("bad --listen `{listen}`: {e} (expected HOST:PORT)")))?;
+    let tls = match (cert, key, insecure) {
         (Some(c), Some(k), false) => Some(api::tls_config(c, k)?),
         (None, None, true) => {
             if !addr.ip().is_loopback() {
@@ -37,35 +47,98 @@ pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
             .into())
         }
     };
-    let root = store_path(cli)?;
-    let state = ApiState::open(&root)
-        .map_err(|e| anyhow::anyhow!(e).context(format!("opening store {}", root.display())))?;
+    Ok((addr, tls))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(cores.max(2))
         .max_blocking_threads(cores * 8)
         .thread_name("lamina-server")
-        .build()?;
-    let router = api::router(state.clone());
+        .build()?)
+}
+
+/// Binds, says where (one JSON line with `--json`), serves until SIGTERM.
+async fn listen_and_serve(
+    router: axum::Router,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    json: bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let url = format!("{}://{bound}", if tls.is_some() { "https" } else { "http" });
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"listening": bound, "url": url, "tls": tls.is_some()})
+        );
+    } else {
+        println!("serving {what} on {url}");
+    }
+    api::serve(router, listener, tls, super::serve::stop_signal()).await?;
+    Ok(())
+}
+
+fn open_state(root: &Path) -> anyhow::Result<ApiState> {
+    ApiState::open(root)
+        .map_err(|e| anyhow::anyhow!(e).context(format!("opening store {}", root.display())))
+}
+
+pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
+    let (addr, tls) = listener_config(
+        &a.listen,
+        a.tls_cert.as_deref(),
+        a.tls_key.as_deref(),
+        a.insecure,
+    )?;
+    let every = humantime::parse_duration(&a.rules_interval)
+        .map_err(|e| UsageError(format!("bad --rules-interval {:?}: {e}", a.rules_interval)))?;
+    let root = store_path(cli)?;
+    let state = open_state(&root)?;
+    let rt = runtime()?;
+    let broker = Broker::new(state.gate.clone());
+    let router = api::router(state.clone()).merge(lamina_broker::api::router(BrokerState {
+        api: state.clone(),
+        broker: broker.clone(),
+    }));
     let json = out.json;
+    let what = root.display().to_string();
     let result = rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        let bound = listener.local_addr()?;
-        let url = format!("{}://{bound}", if tls.is_some() { "https" } else { "http" });
-        if json {
-            println!(
-                "{}",
-                serde_json::json!({"listening": bound, "url": url, "tls": tls.is_some()})
-            );
-        } else {
-            println!("serving {} on {url}", root.display());
-        }
-        api::serve(router, listener, tls, super::serve::stop_signal()).await?;
-        anyhow::Ok(())
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let engine = tokio::spawn(broker.run(every.max(Duration::from_millis(100)), async {
+            let _ = stop_rx.await;
+        }));
+        let served = listen_and_serve(router, addr, tls, json, &what).await;
+        let _ = stop_tx.send(());
+        let _ = engine.await;
+        served
     });
+    state.gate.close();
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn host_agent(cli: &Cli, out: &Out, a: &HostAgentArgs) -> anyhow::Result<ExitCode> {
+    let (addr, tls) = listener_config(
+        &a.listen,
+        a.tls_cert.as_deref(),
+        a.tls_key.as_deref(),
+        a.insecure,
+    )?;
+    let root = store_path(cli)?;
+    let state = open_state(&root)?;
+    let lamina: PathBuf = std::env::current_exe()?;
+    let ops = HostOps::new(lamina, root.clone(), a.memory.map(|m| m * 1024 * 1024));
+    let router = agent::router(AgentState::new(state.clone(), ops));
+    let rt = runtime()?;
+    let what = format!("the VMs of {}", root.display());
+    let result = rt.block_on(listen_and_serve(router, addr, tls, out.json, &what));
     state.gate.close();
     result?;
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,439 @@
+//! The broker (issue #11), with real processes: a `lamina server` (the sync
+//! API, the broker and its rule engine) and two `lamina host-agent`s over their own
+//! stores, all over TLS with generated certificates, running the fixture
+//! guest in QEMU (TCG). Checks that the rule engine fills a pool across
+//! both hosts, that a subscribed user gets an idle VM (the same one again)
+//! and others get 403, that rules changes add and remove only free VMs,
+//! that a stateless VM is reset after its session, that a host killed with
+//! `kill -9` leaves its VMs unknown while the pool refills elsewhere, and
+//! that 20 users at once on a pool of `max 5` get exactly 5 VMs, none
+//! twice.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::guest::guest;
+use common::net::{Certs, Server};
+use common::*;
+use serde_json::Value;
+
+const APPEND: &str = "console=ttyS0 quiet panic=-1";
+
+/// A host: its store (with the fixture guest's disk layer and template)
+/// and its agent.
+struct HostAgent {
+    env: Env,
+    agent: Option<Server>,
+    token: std::path::PathBuf,
+}
+
+impl HostAgent {
+    fn new(certs: &Certs, g: &Path) -> HostAgent {
+        let env = Env::new();
+        env.create("os/guest", "os", "disk");
+        env.import("os/guest", &g.join("disk.raw"));
+        env.ok(&[
+            "vm",
+            "template",
+            "create",
+            "fixture",
+            "--profile",
+            "pc",
+            "--memory",
+            "192",
+            "--accel",
+            "tcg",
+            "--kernel",
+            g.join("vmlinuz").to_str().unwrap(),
+            "--initrd",
+            g.join("initrd.img").to_str().unwrap(),
+            "--append",
+            APPEND,
+        ]);
+        env.ok(&["user", "add", "broker", "--admin"]);
+        let tok = env.json(&["token", "create", "broker"]);
+        let token = env.path("broker.token");
+        std::fs::write(&token, tok["token"].as_str().unwrap()).unwrap();
+        let agent = Server::spawn(&env.store, certs, "127.0.0.1:0", &["host-agent"]);
+        HostAgent {
+            env,
+            agent: Some(agent),
+            token,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.agent.as_ref().unwrap().url()
+    }
+
+    /// The names of the VMs running on this host.
+    fn running(&self) -> HashSet<String> {
+        let v = self.env.json(&["vm", "ls"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["state"] == "running")
+            .map(|x| x["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let v = self.env.run(&["--json", "vm", "ls"]);
+        if let Ok(list) = serde_json::from_slice::<Value>(&v.stdout) {
+            for x in list.as_array().into_iter().flatten() {
+                let _ = self.env.run(&["vm", "kill", x["name"].as_str().unwrap()]);
+            }
+        }
+        // The disks' servers live in their own process groups.
+        let dir = self.env.store.join("broker");
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid") {
+                if let Ok(pid) = std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .trim()
+                    .parse::<i32>()
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The broker's store and server, with an admin, and laptops of users.
+struct Setup {
+    central: common::net::Central,
+    server: Server,
+    hosts: Vec<HostAgent>,
+}
+
+impl Setup {
+    fn new(hosts: usize) -> Option<Setup> {
+        let g = guest()?;
+        let central = common::net::Central::new();
+        let hosts: Vec<HostAgent> = (0..hosts)
+            .map(|_| HostAgent::new(&central.certs, g))
+            .collect();
+        for (i, h) in hosts.iter().enumerate() {
+            central.env.ok(&[
+                "host",
+                "add",
+                &format!("h{}", i + 1),
+                &h.url(),
+                "--token-file",
+                h.token.to_str().unwrap(),
+                "--ca",
+                central.certs.ca.to_str().unwrap(),
+            ]);
+        }
+        let server = Server::spawn(
+            &central.env.store,
+            &central.certs,
+            "127.0.0.1:0",
+            &["server", "--rules-interval", "500ms"],
+        );
+        Some(Setup {
+            central,
+            server,
+            hosts,
+        })
+    }
+
+    /// A laptop store of `user` (added to the server) with remote `central`.
+    fn laptop(&self, user: &str, args: &[&str]) -> Env {
+        let token = self.central.user(user, args);
+        let env = Env::new();
+        env.ok(&[
+            "remote",
+            "add",
+            "central",
+            &self.server.url(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--ca",
+            self.central.certs.ca.to_str().unwrap(),
+        ]);
+        env
+    }
+
+    fn vms(&self, pool: &str) -> Vec<Value> {
+        let v = self.central.env.json(&["pool", "show", pool]);
+        v["vms"].as_array().unwrap().clone()
+    }
+
+    /// Waits until `pool` satisfies `cond` (its VMs), or fails with them.
+    fn wait(
+        &self,
+        pool: &str,
+        what: &str,
+        secs: u64,
+        cond: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let vms = self.vms(pool);
+            if cond(&vms) {
+                return vms;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pool {pool}: {what} not reached in {secs} s: {vms:#?}\naudit: {}\nserver log: {}",
+                    self.central.env.ok(&["audit", "ls"]),
+                    self.server.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        self.central.env.json(&["audit", "ls"])["entries"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+fn idle(vms: &[Value]) -> usize {
+    vms.iter()
+        .filter(|m| m["state"] == "running" && m["session"].is_null() && m["owner"].is_null())
+        .count()
+}
+
+#[test]
+fn pools_fill_across_hosts_hand_out_desktops_and_follow_their_rules() {
+    let Some(mut s) = Setup::new(2) else { return };
+    s.central.env.ok(&[
+        "pool",
+        "create",
+        "desk",
+        "--template",
+        "fixture",
+        "--base",
+        "os/guest",
+        "--min-idle",
+        "2",
+        "--max",
+        "3",
+        "--stateless",
+    ]);
+
+    // The rule engine fills the pool: two idle VMs, one on each host.
+    let vms = s.wait("desk", "2 idle", 120, |v| idle(v) == 2);
+    let hosts: HashSet<&str> = vms.iter().map(|m| m["host"].as_str().unwrap()).collect();
+    assert_eq!(
+        hosts,
+        HashSet::from(["h1", "h2"]),
+        "spread over both hosts: {vms:#?}"
+    );
+    let on_hosts: HashSet<String> = s.hosts.iter().flat_map(HostAgent::running).collect();
+    for m in &vms {
+        assert!(
+            on_hosts.contains(m["name"].as_str().unwrap()),
+            "{m} runs on its host"
+        );
+    }
+    assert!(
+        s.audit().iter().any(|e| e["actor"] == "rules"
+            && e["action"] == "create"
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("fewer than min_idle 2")),
+        "creations are logged with their reason"
+    );
+
+    // Alice (subscribed through a group) gets an idle VM, and the same
+    // session again; Bob, not subscribed, gets 403 naming the pool.
+    s.central.env.ok(&["group", "add", "staff"]);
+    let alice = s.laptop("alice", &["--group", "staff"]);
+    let bob = s.laptop("bob", &[]);
+    s.central.env.ok(&["pool", "subscribe", "desk", "@staff"]);
+    let t = Instant::now();
+    let d = alice.json(&["session", "open", "central", "desk"]);
+    let first_answer = t.elapsed();
+    let vm = d["session"]["vm"].as_str().unwrap().to_owned();
+    assert!(
+        vms.iter().any(|m| m["name"] == vm.as_str()),
+        "an idle VM was handed out"
+    );
+    assert_eq!(d["started"], false);
+    assert_eq!(
+        (d["width"].as_u64(), d["height"].as_u64()),
+        (Some(1280), Some(800))
+    );
+    let again = alice.json(&["session", "open", "central", "desk"]);
+    assert_eq!(again["session"]["id"], d["session"]["id"]);
+    assert_eq!(again["reused"], true);
+    let (code, err) = bob.fail(&["session", "open", "central", "desk"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("403") || err.contains("not subscribed to pool desk"),
+        "{err}"
+    );
+    let mine = alice.json(&["session", "ls", "--remote", "central"]);
+    assert_eq!(mine["sessions"].as_array().unwrap().len(), 1);
+    let (_, err) = bob.fail(&[
+        "session",
+        "end",
+        "central",
+        d["session"]["id"].as_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("no session"),
+        "bob cannot end alice's session: {err}"
+    );
+    eprintln!("an idle VM was handed out in {first_answer:?}");
+
+    // The engine tops the pool up again: 2 idle beside alice's, max 3.
+    s.wait("desk", "refilled to max", 120, |v| {
+        v.len() == 3 && idle(v) == 2
+    });
+
+    // Lower max to 1 (min_idle 1): only the free VMs go, alice's stays.
+    let rules = s.central.env.path("rules.toml");
+    std::fs::write(&rules, "min_idle = 1\nmax = 1\nstateless = true\n").unwrap();
+    s.central
+        .env
+        .ok(&["pool", "rules", "desk", "--file", rules.to_str().unwrap()]);
+    let left = s.wait("desk", "only alice's VM", 120, |v| v.len() == 1);
+    assert_eq!(left[0]["name"], vm.as_str());
+    assert!(!left[0]["session"].is_null());
+
+    // Rules that cannot hold are refused, naming why.
+    std::fs::write(&rules, "min_idle = 4\nmax = 2\n").unwrap();
+    let (code, err) =
+        s.central
+            .env
+            .fail(&["pool", "rules", "desk", "--file", rules.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("min_idle 4 is above max 2"), "{err}");
+
+    // Alice ends her session: a stateless VM goes back to its base.
+    alice.ok(&[
+        "session",
+        "end",
+        "central",
+        d["session"]["id"].as_str().unwrap(),
+    ]);
+    s.wait("desk", "reset and free", 120, |v| {
+        v.len() == 1 && idle(v) == 1
+    });
+    let audit = s.audit();
+    assert!(audit
+        .iter()
+        .any(|e| e["action"] == "release" && e["actor"] == "alice"));
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["action"] == "reset" && e["ok"] == true),
+        "{audit:#?}"
+    );
+
+    // Raise min_idle: the VMs appear.
+    std::fs::write(&rules, "min_idle = 3\nmax = 4\nstateless = true\n").unwrap();
+    s.central
+        .env
+        .ok(&["pool", "rules", "desk", "--file", rules.to_str().unwrap()]);
+    let vms = s.wait("desk", "3 idle", 180, |v| idle(v) == 3);
+
+    // Host 2 dies: its VMs become unknown, the pool refills on host 1,
+    // and nothing is handed out twice.
+    let on_h2 = vms.iter().filter(|m| m["host"] == "h2").count();
+    s.hosts[1].agent.take().unwrap().kill9();
+    if on_h2 > 0 {
+        let v = s.wait("desk", "h2's VMs unknown and 3 idle on h1", 180, |v| {
+            v.iter().filter(|m| m["state"] == "unknown").count() == on_h2
+                && v.iter()
+                    .filter(|m| m["host"] == "h1" && m["state"] == "running")
+                    .count()
+                    >= 3
+        });
+        assert!(v
+            .iter()
+            .filter(|m| m["state"] == "unknown")
+            .all(|m| m["host"] == "h2"));
+    }
+    let carol = s.laptop("carol", &["--group", "staff"]);
+    let c = carol.json(&["session", "open", "central", "desk"]);
+    assert_eq!(c["session"]["host"], "h1", "a desktop from the live host");
+    let sessions = s.central.env.json(&["session", "ls"]);
+    let vms_in_use: Vec<&str> = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["vm"].as_str().unwrap())
+        .collect();
+    let distinct: HashSet<&&str> = vms_in_use.iter().collect();
+    assert_eq!(distinct.len(), vms_in_use.len(), "no VM in two sessions");
+    s.server.stop();
+}
+
+#[test]
+fn twenty_users_at_once_on_a_pool_of_five() {
+    let Some(s) = Setup::new(1) else { return };
+    s.central.env.ok(&[
+        "pool",
+        "create",
+        "rush",
+        "--template",
+        "fixture",
+        "--base",
+        "os/guest",
+        "--min-idle",
+        "0",
+        "--max",
+        "5",
+        "--per-user",
+        "1",
+        "--stateless",
+    ]);
+    s.central.env.ok(&["group", "add", "crowd"]);
+    s.central.env.ok(&["pool", "subscribe", "rush", "@crowd"]);
+    let laptops: Vec<Env> = (0..20)
+        .map(|i| s.laptop(&format!("u{i:02}"), &["--group", "crowd"]))
+        .collect();
+    let answers: Vec<(bool, String)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = laptops
+            .iter()
+            .map(|l| {
+                sc.spawn(move || {
+                    let out = l.run(&["--json", "session", "open", "central", "rush"]);
+                    if out.status.success() {
+                        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                        (true, v["session"]["vm"].as_str().unwrap().to_owned())
+                    } else {
+                        (false, String::from_utf8_lossy(&out.stderr).into_owned())
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let got: Vec<&String> = answers.iter().filter(|a| a.0).map(|a| &a.1).collect();
+    let refused: Vec<&String> = answers.iter().filter(|a| !a.0).map(|a| &a.1).collect();
+    assert_eq!(got.len(), 5, "exactly five desktops: {answers:#?}");
+    assert_eq!(
+        got.iter().collect::<HashSet<_>>().len(),
+        5,
+        "no VM twice: {got:?}"
+    );
+    for r in &refused {
+        assert!(r.contains("pool rush is full"), "a clear refusal: {r}");
+    }
+    let vms = s.vms("rush");
+    assert_eq!(vms.len(), 5);
+    assert_eq!(s.hosts[0].running().len(), 5);
+    s.server.stop();
+}
