@@ -315,22 +315,27 @@ impl Broker {
             rss_bytes: None,
             profile: None,
         };
+        self.reserve(&m).await?;
+        Ok(Choice::Start {
+            member: m,
+            create: true,
+        })
+    }
+
+    /// Marks `m` pending and records it, before its start outside the lock.
+    async fn reserve(&self, m: &Member) -> Result<()> {
         self.set_pending(&m.name, true);
-        if let Err(e) = self
+        let saved = self
             .save(
                 vec![(m.name.clone(), Some(m.clone()))],
                 Vec::new(),
                 Vec::new(),
             )
-            .await
-        {
+            .await;
+        if saved.is_err() {
             self.set_pending(&m.name, false);
-            return Err(e);
         }
-        Ok(Choice::Start {
-            member: m,
-            create: true,
-        })
+        saved
     }
 
     /// Gives `m` to the caller: a session at once if it runs, else a start.
@@ -340,18 +345,7 @@ impl Broker {
         }
         if m.state != MemberState::Running {
             m.state = MemberState::Starting;
-            self.set_pending(&m.name, true);
-            if let Err(e) = self
-                .save(
-                    vec![(m.name.clone(), Some(m.clone()))],
-                    Vec::new(),
-                    Vec::new(),
-                )
-                .await
-            {
-                self.set_pending(&m.name, false);
-                return Err(e);
-            }
+            self.reserve(&m).await?;
             return Ok(Choice::Start {
                 member: m,
                 create: false,

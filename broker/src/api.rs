@@ -24,7 +24,7 @@ use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use lamina_sync::api::{ApiState, Authed, Body};
-use lamina_sync::{Caller, Principal};
+use lamina_sync::{Caller, Principal, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::Desktop;
@@ -172,29 +172,44 @@ pub struct NewPool {
     pub rules: Rules,
 }
 
+/// An admin's change to the catalog, with its audit entry (what `f`
+/// returns beside its result) written in the same call; wakes the engine.
+async fn admin_change<T, F>(
+    s: &BrokerState,
+    c: Caller,
+    action: &'static str,
+    target: String,
+    f: F,
+) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Store) -> Result<(T, String)> + Send + 'static,
+{
+    admin(&c)?;
+    let out = s
+        .broker
+        .write(move |store| {
+            let (out, detail) = f(store)?;
+            audit::record(store, &[AuditEntry::ok(&c.user, action, &target, detail)])?;
+            Ok(out)
+        })
+        .await?;
+    s.broker.wake.notify_one();
+    Ok(out)
+}
+
 async fn create_pool(
     Authed(c): Authed,
     State(s): State<BrokerState>,
     Body(p): Body<NewPool>,
 ) -> Result<Json<Pool>> {
-    admin(&c)?;
-    let pool = s
-        .broker
-        .write(move |store| {
-            let pool = store.create_pool(&p.name, &p.template, &p.base, p.rules)?;
-            audit::record(
-                store,
-                &[AuditEntry::ok(
-                    &c.user,
-                    "pool-create",
-                    &pool.name,
-                    format!("template {} over {}", pool.template, pool.base),
-                )],
-            )?;
-            Ok(pool)
-        })
-        .await?;
-    s.broker.wake.notify_one();
+    let target = p.name.clone();
+    let pool = admin_change(&s, c, "pool-create", target, move |store| {
+        let pool = store.create_pool(&p.name, &p.template, &p.base, p.rules)?;
+        let detail = format!("template {} over {}", pool.template, pool.base);
+        Ok((pool, detail))
+    })
+    .await?;
     Ok(Json(pool))
 }
 
@@ -225,14 +240,11 @@ async fn remove_pool(
     State(s): State<BrokerState>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>> {
-    admin(&c)?;
-    s.broker
-        .write(move |store| {
-            store.remove_pool(&name)?;
-            audit::record(store, &[AuditEntry::ok(&c.user, "pool-remove", &name, "")])?;
-            Ok(())
-        })
-        .await?;
+    let n = name.clone();
+    admin_change(&s, c, "pool-remove", name, move |store| {
+        Ok((store.remove_pool(&n)?, String::new()))
+    })
+    .await?;
     Ok(Json(serde_json::json!({"removed": true})))
 }
 
@@ -272,23 +284,13 @@ async fn set_rules(
         RulesBody::Toml { toml } => Rules::from_toml(&toml)?,
         RulesBody::Rules(r) => r,
     };
-    let p = s
-        .broker
-        .write(move |store| {
-            let p = store.set_rules(&name, rules)?;
-            audit::record(
-                store,
-                &[AuditEntry::ok(
-                    &c.user,
-                    "pool-rules",
-                    &name,
-                    p.rules.to_toml().replace('\n', "; "),
-                )],
-            )?;
-            Ok(p)
-        })
-        .await?;
-    s.broker.wake.notify_one();
+    let n = name.clone();
+    let p = admin_change(&s, c, "pool-rules", name, move |store| {
+        let p = store.set_rules(&n, rules)?;
+        let detail = p.rules.to_toml().trim_end().replace('\n', "; ");
+        Ok((p, detail))
+    })
+    .await?;
     Ok(Json(p))
 }
 
@@ -304,19 +306,12 @@ async fn subscribe(
     Path(name): Path<String>,
     Body(b): Body<Subscribe>,
 ) -> Result<Json<model::Subscription>> {
-    admin(&c)?;
     let who: Principal = b.principal.parse()?;
-    let sub = s
-        .broker
-        .write(move |store| {
-            let sub = store.subscribe(&name, &who)?;
-            audit::record(
-                store,
-                &[AuditEntry::ok(&c.user, "subscribe", &name, who.to_string())],
-            )?;
-            Ok(sub)
-        })
-        .await?;
+    let n = name.clone();
+    let sub = admin_change(&s, c, "subscribe", name, move |store| {
+        Ok((store.subscribe(&n, &who)?, who.to_string()))
+    })
+    .await?;
     Ok(Json(sub))
 }
 
@@ -325,24 +320,12 @@ async fn unsubscribe(
     State(s): State<BrokerState>,
     Path((name, principal)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>> {
-    admin(&c)?;
     let who: Principal = principal.parse()?;
-    let removed = s
-        .broker
-        .write(move |store| {
-            let r = store.unsubscribe(&name, &who)?;
-            audit::record(
-                store,
-                &[AuditEntry::ok(
-                    &c.user,
-                    "unsubscribe",
-                    &name,
-                    who.to_string(),
-                )],
-            )?;
-            Ok(r)
-        })
-        .await?;
+    let n = name.clone();
+    let removed = admin_change(&s, c, "unsubscribe", name, move |store| {
+        Ok((store.unsubscribe(&n, &who)?, who.to_string()))
+    })
+    .await?;
     Ok(Json(serde_json::json!({"removed": removed})))
 }
 
@@ -433,28 +416,18 @@ async fn add_host(
     State(s): State<BrokerState>,
     Body(h): Body<NewHost>,
 ) -> Result<Json<HostSummary>> {
-    admin(&c)?;
-    let out = s
-        .broker
-        .write(move |store| {
-            let host = store.add_host(&h.name, &h.url, &h.token, h.ca_pem)?;
-            audit::record(
-                store,
-                &[AuditEntry::ok(
-                    &c.user,
-                    "host-add",
-                    &host.name,
-                    host.url.clone(),
-                )],
-            )?;
-            Ok(HostSummary {
-                ca: host.ca_pem.is_some(),
-                name: host.name,
-                url: host.url,
-            })
-        })
-        .await?;
-    s.broker.wake.notify_one();
+    let target = h.name.clone();
+    let out = admin_change(&s, c, "host-add", target, move |store| {
+        let host = store.add_host(&h.name, &h.url, &h.token, h.ca_pem)?;
+        let detail = host.url.clone();
+        let summary = HostSummary {
+            ca: host.ca_pem.is_some(),
+            name: host.name,
+            url: host.url,
+        };
+        Ok((summary, detail))
+    })
+    .await?;
     Ok(Json(out))
 }
 
@@ -463,14 +436,11 @@ async fn remove_host(
     State(s): State<BrokerState>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>> {
-    admin(&c)?;
-    s.broker
-        .write(move |store| {
-            store.remove_host(&name)?;
-            audit::record(store, &[AuditEntry::ok(&c.user, "host-remove", &name, "")])?;
-            Ok(())
-        })
-        .await?;
+    let n = name.clone();
+    admin_change(&s, c, "host-remove", name, move |store| {
+        Ok((store.remove_host(&n)?, String::new()))
+    })
+    .await?;
     Ok(Json(serde_json::json!({"removed": true})))
 }
 

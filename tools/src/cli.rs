@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod broker;
 pub use broker::{
-    AuditCommand, HostAgentArgs, HostCommand, PoolCommand, PoolCreateArgs, SessionCommand,
+    AuditCommand, HostAgentArgs, HostCommand, PoolCommand, PoolCreateArgs, SessionCommand, TlsArgs,
 };
 
 /// Lamina: layered, versioned, synchronised VM disks and file trees.
@@ -178,15 +178,8 @@ pub struct ServerArgs {
     /// Address to listen on
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8443")]
     pub listen: String,
-    /// TLS certificate chain (PEM)
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM)
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Plain HTTP instead of TLS (loopback addresses only, for development)
-    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
-    pub insecure: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// How often the broker's rule engine checks the pools
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     pub rules_interval: String,

@@ -5,12 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-/// `lamina host-agent`
+/// TLS of `lamina server` and `lamina host-agent`.
 #[derive(Debug, Args)]
-pub struct HostAgentArgs {
-    /// Address to listen on
-    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8444")]
-    pub listen: String,
+pub struct TlsArgs {
     /// TLS certificate chain (PEM)
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -20,6 +17,16 @@ pub struct HostAgentArgs {
     /// Plain HTTP instead of TLS (loopback addresses only, for development)
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
     pub insecure: bool,
+}
+
+/// `lamina host-agent`
+#[derive(Debug, Args)]
+pub struct HostAgentArgs {
+    /// Address to listen on
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:8444")]
+    pub listen: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// Memory this host may give VMs in all, MiB [default: all of the host's]
     #[arg(long, value_name = "MiB")]
     pub memory: Option<u64>,

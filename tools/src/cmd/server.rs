@@ -14,21 +14,19 @@ use lamina_broker::api::BrokerState;
 use lamina_broker::Broker;
 use lamina_sync::api::{self, ApiState};
 
-use crate::cli::{Cli, HostAgentArgs, ServerArgs};
+use crate::cli::{Cli, HostAgentArgs, ServerArgs, TlsArgs};
 use crate::cmd::store_path;
 use crate::output::{Out, UsageError};
 
 /// The address and TLS set-up of a listener, checked.
 fn listener_config(
     listen: &str,
-    cert: Option<&Path>,
-    key: Option<&Path>,
-    insecure: bool,
+    t: &TlsArgs,
 ) -> anyhow::Result<(SocketAddr, Option<Arc<rustls::ServerConfig>>)> {
     let addr: SocketAddr = listen
         .parse()
         .map_err(|e| UsageError(format!("bad --listen `{listen}`: {e} (expected HOST:PORT)")))?;
-    let tls = match (cert, key, insecure) {
+    let tls = match (t.tls_cert.as_deref(), t.tls_key.as_deref(), t.insecure) {
         (Some(c), Some(k), false) => Some(api::tls_config(c, k)?),
         (None, None, true) => {
             if !addr.ip().is_loopback() {
@@ -91,12 +89,7 @@ fn open_state(root: &Path) -> anyhow::Result<ApiState> {
 }
 
 pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
-    let (addr, tls) = listener_config(
-        &a.listen,
-        a.tls_cert.as_deref(),
-        a.tls_key.as_deref(),
-        a.insecure,
-    )?;
+    let (addr, tls) = listener_config(&a.listen, &a.tls)?;
     let every = humantime::parse_duration(&a.rules_interval)
         .map_err(|e| UsageError(format!("bad --rules-interval {:?}: {e}", a.rules_interval)))?;
     let root = store_path(cli)?;
@@ -125,12 +118,7 @@ pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn host_agent(cli: &Cli, out: &Out, a: &HostAgentArgs) -> anyhow::Result<ExitCode> {
-    let (addr, tls) = listener_config(
-        &a.listen,
-        a.tls_cert.as_deref(),
-        a.tls_key.as_deref(),
-        a.insecure,
-    )?;
+    let (addr, tls) = listener_config(&a.listen, &a.tls)?;
     let root = store_path(cli)?;
     let state = open_state(&root)?;
     let lamina: PathBuf = std::env::current_exe()?;
