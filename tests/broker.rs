@@ -114,7 +114,7 @@ impl Drop for HostAgent {
 /// The broker's store and server, with an admin, and laptops of users.
 struct Setup {
     central: common::net::Central,
-    server: Server,
+    server: Option<Server>,
     hosts: Vec<HostAgent>,
 }
 
@@ -145,7 +145,7 @@ impl Setup {
         );
         Some(Setup {
             central,
-            server,
+            server: Some(server),
             hosts,
         })
     }
@@ -158,13 +158,35 @@ impl Setup {
             "remote",
             "add",
             "central",
-            &self.server.url(),
+            &self.srv().url(),
             "--token-file",
             token.to_str().unwrap(),
             "--ca",
             self.central.certs.ca.to_str().unwrap(),
         ]);
         env
+    }
+
+    fn srv(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    /// Stops the server (SIGTERM, clean exit) and starts it again on the
+    /// same address and store.
+    fn restart(&mut self) {
+        let old = self.server.take().unwrap();
+        let addr = old.addr;
+        assert!(old.stop().success(), "a clean exit on SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpListener::bind(addr).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.server = Some(Server::spawn(
+            &self.central.env.store,
+            &self.central.certs,
+            &addr.to_string(),
+            &["server", "--rules-interval", "1s"],
+        ));
     }
 
     fn vms(&self, pool: &str) -> Vec<Value> {
@@ -190,7 +212,7 @@ impl Setup {
                 panic!(
                     "pool {pool}: {what} not reached in {secs} s: {vms:#?}\naudit: {}\nserver log: {}",
                     self.central.env.ok(&["audit", "ls"]),
-                    self.server.log_text()
+                    self.srv().log_text()
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -377,12 +399,12 @@ fn pools_fill_across_hosts_hand_out_desktops_and_follow_their_rules() {
         .collect();
     let distinct: HashSet<&&str> = vms_in_use.iter().collect();
     assert_eq!(distinct.len(), vms_in_use.len(), "no VM in two sessions");
-    s.server.stop();
+    s.server.take().unwrap().stop();
 }
 
 #[test]
 fn twenty_users_at_once_on_a_pool_of_five() {
-    let Some(s) = Setup::new(1) else { return };
+    let Some(mut s) = Setup::new(1) else { return };
     s.central.env.ok(&[
         "pool",
         "create",
@@ -435,5 +457,208 @@ fn twenty_users_at_once_on_a_pool_of_five() {
     let vms = s.vms("rush");
     assert_eq!(vms.len(), 5);
     assert_eq!(s.hosts[0].running().len(), 5);
-    s.server.stop();
+    s.server.take().unwrap().stop();
+}
+
+/// `curl` against a server: (HTTP status, body).
+fn curl(
+    url: &str,
+    ca: &Path,
+    token: Option<&Path>,
+    method: &str,
+    body: Option<&[u8]>,
+) -> (u16, String) {
+    let mut c = std::process::Command::new("curl");
+    c.args([
+        "-sS",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+        "--cacert",
+    ])
+    .arg(ca);
+    if let Some(t) = token {
+        let tok = std::fs::read_to_string(t).unwrap();
+        c.arg("-H")
+            .arg(format!("Authorization: Bearer {}", tok.trim()));
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    if let Some(b) = body {
+        std::fs::write(file.path(), b).unwrap();
+        c.args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(format!("@{}", file.path().display()));
+    }
+    let out = c.arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn bad_requests_a_crash_and_a_broker_restart_lose_nothing() {
+    let Some(mut s) = Setup::new(1) else { return };
+    let ca = s.central.certs.ca.clone();
+    let admin = s.central.user("root", &["--admin"]);
+    s.central.env.ok(&[
+        "pool",
+        "create",
+        "lab",
+        "--template",
+        "fixture",
+        "--base",
+        "os/guest",
+        "--min-idle",
+        "1",
+        "--max",
+        "2",
+    ]);
+    let alice = s.laptop("alice", &[]);
+    let alice_token = s.central.env.path("alice.token");
+    s.central.env.ok(&["pool", "subscribe", "lab", "alice"]);
+    let api = format!("{}/api/v1", s.srv().url());
+    let agent = format!("{}/agent/v1/host", s.hosts[0].url());
+
+    // Authentication and authorisation, of the broker's API and the agent.
+    let (code, body) = curl(&format!("{api}/pools"), &ca, None, "GET", None);
+    assert_eq!(code, 401, "{body}");
+    let new_pool = br#"{"name":"x","template":"t","base":"os/b","rules":{"min_idle":0,"max":1}}"#;
+    let (code, body) = curl(
+        &format!("{api}/pools"),
+        &ca,
+        Some(&alice_token),
+        "POST",
+        Some(new_pool),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("alice is not an admin"), "{body}");
+    let (code, body) = curl(
+        &format!("{api}/hosts"),
+        &ca,
+        Some(&alice_token),
+        "GET",
+        None,
+    );
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = curl(&agent, &ca, None, "GET", None);
+    assert_eq!(code, 401, "{body}");
+    s.hosts[0].env.ok(&["user", "add", "guest"]);
+    let t = s.hosts[0].env.json(&["token", "create", "guest"]);
+    let guest_token = s.hosts[0].env.path("guest.token");
+    std::fs::write(&guest_token, t["token"].as_str().unwrap()).unwrap();
+    let (code, body) = curl(&agent, &ca, Some(&guest_token), "GET", None);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("not an admin of this host"), "{body}");
+
+    // Malformed, oversized and impossible requests: 400/404/413, each with
+    // a message.
+    let (code, body) = curl(
+        &format!("{api}/pools"),
+        &ca,
+        Some(&admin),
+        "POST",
+        Some(b"{\"name\":"),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("malformed JSON body"), "{body}");
+    let big = vec![b' '; 300 * 1024];
+    let (code, body) = curl(
+        &format!("{api}/pools"),
+        &ca,
+        Some(&admin),
+        "POST",
+        Some(&big),
+    );
+    assert_eq!(code, 413, "{body}");
+    let rules = br#"{"toml":"min_idle = 3\nmax = 1\n"}"#;
+    let (code, body) = curl(
+        &format!("{api}/pools/lab/rules"),
+        &ca,
+        Some(&admin),
+        "PUT",
+        Some(rules),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("min_idle 3 is above max 1"), "{body}");
+    let (code, body) = curl(
+        &format!("{api}/pools/lab/desktop"),
+        &ca,
+        Some(&alice_token),
+        "POST",
+        Some(b"[1,2"),
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = curl(
+        &format!("{api}/pools/nope/desktop"),
+        &ca,
+        Some(&alice_token),
+        "POST",
+        None,
+    );
+    assert_eq!(code, 404, "{body}");
+    let (code, err) = s.central.env.fail(&[
+        "pool",
+        "create",
+        "bad",
+        "--template",
+        "fixture",
+        "--base",
+        "os/guest",
+        "--min-idle",
+        "5",
+        "--max",
+        "2",
+    ]);
+    assert_eq!(code, 2, "{err}");
+
+    // A desktop survives a restart of the broker: the same session, the
+    // same VM, no VM lost or made twice.
+    s.wait("lab", "1 idle", 120, |v| idle(v) == 1);
+    let d = alice.json(&["session", "open", "central", "lab"]);
+    let vm = d["session"]["vm"].as_str().unwrap().to_owned();
+    let before = s.wait("lab", "refilled", 120, |v| v.len() == 2 && idle(v) == 1);
+    s.restart();
+    let again = alice.json(&["session", "open", "central", "lab"]);
+    assert_eq!(again["session"]["id"], d["session"]["id"]);
+    assert_eq!(again["session"]["vm"], vm.as_str());
+    std::thread::sleep(Duration::from_secs(3));
+    let names = |v: &[Value]| {
+        v.iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect::<HashSet<_>>()
+    };
+    assert_eq!(
+        names(&s.vms("lab")),
+        names(&before),
+        "the restart changed the pool"
+    );
+
+    // Alice's VM crashes: her session ends, the crash is in the audit log,
+    // and (this pool keeps VMs) the VM stays hers: her next request
+    // starts it again.
+    s.hosts[0].env.ok(&["vm", "kill", &vm]);
+    let v = s.wait("lab", "the crashed VM stopped and kept", 120, |v| {
+        v.iter()
+            .any(|m| m["name"] == vm.as_str() && m["state"] == "stopped" && m["session"].is_null())
+    });
+    let m = v.iter().find(|m| m["name"] == vm.as_str()).unwrap();
+    assert_eq!(m["owner"], "alice");
+    let audit = s.audit();
+    assert!(
+        audit.iter().any(|e| e["action"] == "crashed"
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("during the session of alice")),
+        "{audit:#?}"
+    );
+    let mine = alice.json(&["session", "ls", "--remote", "central"]);
+    assert!(mine["sessions"].as_array().unwrap().is_empty(), "{mine}");
+    let back = alice.json(&["session", "open", "central", "lab"]);
+    assert_eq!(back["session"]["vm"], vm.as_str(), "her own VM again");
+    assert_eq!(back["started"], true);
+    assert!(s.hosts[0].running().contains(&vm));
+    s.server.take().unwrap().stop();
 }
