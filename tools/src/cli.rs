@@ -565,6 +565,8 @@ pub enum BenchCommand {
     Vm(BenchVmArgs),
     /// Check-in and two-way sync beside rsync and unison, over a tbf-limited and an unlimited loopback (root)
     Sync(BenchSyncArgs),
+    /// Many distinct users asking a pool for desktops at once (a stand-in host agent)
+    Broker(BenchBrokerArgs),
 }
 
 /// `lamina bench sync`
@@ -812,4 +814,18 @@ pub struct TemplateCreateArgs {
     /// auto (KVM if it works here, else TCG), kvm or tcg
     #[arg(long, default_value = "auto")]
     pub accel: String,
+}
+
+/// `lamina bench broker`
+#[derive(Debug, Args)]
+pub struct BenchBrokerArgs {
+    /// Distinct users, each with its own token, asking at once
+    #[arg(long, default_value_t = 200)]
+    pub users: usize,
+    /// Work directory [default: a new temporary directory]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Keep the work directory
+    #[arg(long)]
+    pub keep: bool,
 }

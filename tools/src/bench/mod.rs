@@ -13,6 +13,7 @@
 //! kernel overlayfs; `bench sync` (see [`sync`]) compares check-in and
 //! two-way sync with rsync and unison.
 
+mod broker;
 mod data;
 mod fs;
 mod nbd;
@@ -79,6 +80,14 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
             finish_work(&work, a.keep, out);
             let report = result?;
             out.result(&report, || vm::render(&report))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Broker(a) => {
+            let work = work_dir(a.dir.as_deref(), "broker")?;
+            let result = broker::run(&std::env::current_exe()?, &work, a.users, &|m| out.note(m));
+            finish_work(&work, a.keep, out);
+            let report = result?;
+            out.result(&report, || broker::render(&report))?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Sync(a) => {
@@ -361,4 +370,39 @@ fn import(out: &Out, a: &BenchImportArgs) -> anyhow::Result<ExitCode> {
         s
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A child process killed (and reaped) when dropped.
+pub(crate) struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA and a server certificate it signed for 127.0.0.1, made with
+/// openssl in `dir`: (CA, certificate, key).
+pub(crate) fn make_certs(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    for args in [
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=bench-ca",
+        "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
+    ] {
+        run_ok(Command::new("openssl").current_dir(dir).args(args.split(' ')), "openssl")?;
+    }
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n")?;
+    run_ok(
+        Command::new("openssl").current_dir(dir).args(
+            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf"
+                .split(' '),
+        ),
+        "openssl",
+    )?;
+    Ok((
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    ))
 }

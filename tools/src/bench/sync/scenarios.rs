@@ -7,7 +7,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use super::measure::step;
 use super::{Inner, Row, Run};
 use crate::bench::data::{Rng, Text};
-use crate::bench::{run_ok, stdout_of};
+use crate::bench::{run_ok, stdout_of, Proc};
 
 const CLUSTER: u64 = 64 << 10;
 
@@ -73,15 +73,6 @@ fn changed_clusters(image_bytes: u64) -> Vec<u64> {
     set.into_iter().collect()
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The Lamina side: a central store with its server, and a laptop store.
 struct LaminaSide {
     exe: PathBuf,
@@ -114,22 +105,8 @@ impl LaminaSide {
             laptop,
             server: None,
         };
+        crate::bench::make_certs(&work.join("certs"))?;
         let certs = work.join("certs");
-        fs::create_dir_all(&certs)?;
-        for args in [
-            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=bench-ca",
-            "req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
-        ] {
-            run_ok(Command::new("openssl").current_dir(&certs).args(args.split(' ')), "openssl")?;
-        }
-        fs::write(certs.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n")?;
-        run_ok(
-            Command::new("openssl").current_dir(&certs).args(
-                "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf"
-                    .split(' '),
-            ),
-            "openssl",
-        )?;
         s.ok(&s.central, &["init"])?;
         s.ok(&s.central, &["user", "add", "alice", "--admin"])?;
         let tok = s.ok(&s.central, &["token", "create", "alice"])?;
