@@ -460,7 +460,8 @@ fn twenty_users_at_once_on_a_pool_of_five() {
     s.server.take().unwrap().stop();
 }
 
-/// `curl` against a server: (HTTP status, body).
+/// `curl` against a server with a token file and a body given as bytes:
+/// (HTTP status, body).
 fn curl(
     url: &str,
     ca: &Path,
@@ -468,33 +469,13 @@ fn curl(
     method: &str,
     body: Option<&[u8]>,
 ) -> (u16, String) {
-    let mut c = std::process::Command::new("curl");
-    c.args([
-        "-sS",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "-X",
-        method,
-        "--cacert",
-    ])
-    .arg(ca);
-    if let Some(t) = token {
-        let tok = std::fs::read_to_string(t).unwrap();
-        c.arg("-H")
-            .arg(format!("Authorization: Bearer {}", tok.trim()));
-    }
+    let token = token.map(|t| std::fs::read_to_string(t).unwrap().trim().to_owned());
     let file = tempfile::NamedTempFile::new().unwrap();
     if let Some(b) = body {
         std::fs::write(file.path(), b).unwrap();
-        c.args(["-H", "Content-Type: application/json", "--data-binary"])
-            .arg(format!("@{}", file.path().display()));
     }
-    let out = c.arg(url).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.trim().parse().unwrap(), body.to_owned())
+    let body = body.map(|_| file.path());
+    common::net::curl(ca, token.as_deref(), method, url, body)
 }
 
 #[test]

@@ -139,36 +139,7 @@ fn curl(
     url: &str,
     body: Option<&Path>,
 ) -> (u16, String) {
-    let mut cmd = std::process::Command::new("curl");
-    let (method, http1) = match method.strip_suffix(" --http1.1") {
-        Some(m) => (m, true),
-        None => (method, false),
-    };
-    cmd.args([
-        "-sS",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "-X",
-        method,
-        "--cacert",
-    ])
-    .arg(&c.certs.ca);
-    if http1 {
-        cmd.arg("--http1.1");
-    }
-    if let Some(t) = token {
-        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    if let Some(b) = body {
-        cmd.arg("--data-binary").arg(format!("@{}", b.display()));
-    }
-    let out = cmd.arg(url).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    (code.trim().parse().unwrap_or(0), format!("{body}{err}"))
+    common::net::curl(&c.certs.ca, token, method, url, body)
 }
 
 fn token(path: &Path) -> String {

@@ -111,29 +111,15 @@ impl Broker {
         let target = format!("pool {pool}");
         let choice = {
             let _guard = self.lock.lock().await;
-            let snap = match self.snapshot(pool).await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.audit(AuditEntry::failed(
-                        &user,
-                        "allocate",
-                        &target,
-                        e.to_string(),
-                    ))
-                    .await;
-                    return Err(e);
-                }
+            let chosen = match self.snapshot(pool).await {
+                Ok(snap) => self.choose(caller, snap, another).await,
+                Err(e) => Err(e),
             };
-            match self.choose(caller, snap, another).await {
+            match chosen {
                 Ok(c) => c,
                 Err(e) => {
-                    self.audit(AuditEntry::failed(
-                        &user,
-                        "allocate",
-                        &target,
-                        e.to_string(),
-                    ))
-                    .await;
+                    let entry = AuditEntry::failed(&user, "allocate", &target, e.to_string());
+                    self.audit(entry).await;
                     return Err(e);
                 }
             }

@@ -446,3 +446,44 @@ fn pipe(
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
 }
+
+/// `curl` trusting `ca`: (HTTP status, body and stderr). `method` may end
+/// in ` --http1.1`; `body` is a file sent as it is.
+pub fn curl(
+    ca: &Path,
+    token: Option<&str>,
+    method: &str,
+    url: &str,
+    body: Option<&Path>,
+) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    let (method, http1) = match method.strip_suffix(" --http1.1") {
+        Some(m) => (m, true),
+        None => (method, false),
+    };
+    cmd.args([
+        "-sS",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+        "--cacert",
+    ])
+    .arg(ca);
+    if http1 {
+        cmd.arg("--http1.1");
+    }
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        cmd.arg("--data-binary").arg(format!("@{}", b.display()));
+    }
+    let out = cmd.arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    (code.trim().parse().unwrap_or(0), format!("{body}{err}"))
+}

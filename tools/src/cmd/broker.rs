@@ -14,7 +14,7 @@ use lamina_sync::{Access, Principal, Store};
 use serde_json::{json, Value};
 
 use crate::cli::{AuditCommand, Cli, HostCommand, PoolCommand, PoolCreateArgs, SessionCommand};
-use crate::cmd::open;
+use crate::cmd::{open, read_ca, read_token_file};
 use crate::output::{bytes, time, NotFound, Out, UsageError};
 
 /// A broker error as the CLI reports it (exit 2 for the caller's mistakes).
@@ -49,15 +49,8 @@ pub fn host(cli: &Cli, out: &Out, c: &HostCommand) -> anyhow::Result<ExitCode> {
             token_file,
             ca,
         } => {
-            let token = std::fs::read_to_string(token_file)
-                .with_context(|| format!("reading the token file {}", token_file.display()))?;
-            let ca_pem = ca
-                .as_ref()
-                .map(|p| {
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("reading the CA certificate {}", p.display()))
-                })
-                .transpose()?;
+            let token = read_token_file(token_file)?;
+            let ca_pem = read_ca(ca.as_deref())?;
             let store = open(cli, out, Access::Write)?;
             let h = store.add_host(name, url, &token, ca_pem).map_err(err)?;
             audit_ok(&store, "host-add", &h.name, h.url.clone())?;

@@ -86,3 +86,24 @@ pub fn open_with(cli: &Cli, out: &Out, access: Access, wait: LockWait) -> anyhow
     };
     Store::open(&path, &opts).with_context(|| format!("opening store {}", path.display()))
 }
+
+/// A token file's token (trimmed; an empty file is a usage error).
+pub fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        return Err(UsageError(format!("the token file {} is empty", path.display())).into());
+    }
+    Ok(token)
+}
+
+/// The PEM of a `--ca` file, if given.
+pub fn read_ca(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    path.map(|p| {
+        std::fs::read_to_string(p)
+            .with_context(|| format!("reading the CA certificate {}", p.display()))
+    })
+    .transpose()
+}

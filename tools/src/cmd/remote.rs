@@ -2,14 +2,13 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use lamina_sync::remote::{check_url, ConnectOptions, Connection, RemoteConfig};
 use lamina_sync::Access;
 use serde_json::json;
 
 use crate::cli::{Cli, RemoteCommand};
-use crate::cmd::open;
-use crate::output::{Out, UsageError};
+use crate::cmd::{open, read_ca, read_token_file};
+use crate::output::Out;
 
 pub fn run(cli: &Cli, out: &Out, c: &RemoteCommand) -> anyhow::Result<ExitCode> {
     match c {
@@ -22,24 +21,8 @@ pub fn run(cli: &Cli, out: &Out, c: &RemoteCommand) -> anyhow::Result<ExitCode> 
             no_check,
         } => {
             let url = check_url(url, *insecure)?;
-            let token = std::fs::read_to_string(token_file)
-                .with_context(|| format!("reading the token file {}", token_file.display()))?
-                .trim()
-                .to_owned();
-            if token.is_empty() {
-                return Err(UsageError(format!(
-                    "the token file {} is empty",
-                    token_file.display()
-                ))
-                .into());
-            }
-            let ca_pem = match ca {
-                Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("reading the CA certificate {}", p.display()))?,
-                ),
-                None => None,
-            };
+            let token = read_token_file(token_file)?;
+            let ca_pem = read_ca(ca.as_deref())?;
             let mut cfg = RemoteConfig {
                 name: name.clone(),
                 url,
