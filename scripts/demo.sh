@@ -2,7 +2,10 @@
 # Lamina's main job on its embedded default store (RocksDB + local packs;
 # no server to install): import a directory as a layer, change it, import
 # again, show the history and the difference, export, verify; serve the
-# store to a second store on loopback and sync a change both ways.
+# store to a second store on loopback and sync a change both ways; as root,
+# also mount a composition, boot the fixture guest, and serve a pool of it to
+# a user's browser (headless Chromium logs in, connects, and its screenshot
+# is saved as $LAMINA_DEMO_SHOT, default /tmp/lamina-console.png).
 #   bash scripts/demo.sh [DIRECTORY]     (default: /usr/share/doc)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +17,14 @@ work=$(mktemp -d /tmp/lamina-demo.XXXXXX)
 cleanup() {
   [ -z "${serve_pid:-}" ] || kill "$serve_pid" 2>/dev/null || true
   [ -z "${server_pid:-}" ] || kill "$server_pid" 2>/dev/null || true
+  [ -z "${agent_pid:-}" ] || kill "$agent_pid" 2>/dev/null || true
+  [ -z "${driver_pid:-}" ] || kill "$driver_pid" 2>/dev/null || true
+  if [ -d "$work/host" ]; then
+    for vm in $($lamina --store "$work/host" --json vm ls 2>/dev/null | python3 -c 'import json,sys;[print(v["name"]) for v in json.load(sys.stdin)]' 2>/dev/null); do
+      $lamina --store "$work/host" vm kill "$vm" >/dev/null 2>&1 || true
+    done
+    for p in "$work"/host/broker/*.pid; do [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null || true; done
+  fi
   $lamina vm kill demo >/dev/null 2>&1 || true
   umount "$work/mnt" 2>/dev/null || true
   rm -rf "$work"
@@ -110,3 +121,72 @@ $lamina vm stop demo
 kill "$serve_pid"; wait "$serve_pid" || true; serve_pid=
 $lamina disk commit demo-vm -m "the guest's write"
 $lamina layer log os/guest
+
+# The broker (as root, like the VM runner above): this machine is also the
+# host (a host agent over a store of its own holding the guest's disk and a
+# template), a pool of the fixture guest kept with one idle VM, a user with a
+# console password, and headless Chromium driven over WebDriver (chromedriver)
+# logging in and pressing Connect: the guest's screen in the page.
+[ "$(id -u)" -eq 0 ] || exit 0
+host=(--store "$work/host")
+$lamina "${host[@]}" init
+$lamina "${host[@]}" layer create os/guest --kind os --format disk
+$lamina "${host[@]}" layer import os/guest "$work/guest/disk.raw" -m "fixture guest disk"
+$lamina "${host[@]}" vm template create desk --profile pc --memory 256 \
+  --kernel "$work/guest/vmlinuz" --initrd "$work/guest/initrd.img" --append "console=ttyS0 quiet panic=-1"
+$lamina "${host[@]}" user add broker --admin
+$lamina "${host[@]}" --json token create broker | sed -n 's/.*"token":"\([^"]*\)".*/\1/p' > "$work/host.token"
+$lamina "${host[@]}" --json host-agent --listen 127.0.0.1:0 --tls-cert "$work/server.pem" \
+  --tls-key "$work/server.key" > "$work/agent.json" 2> "$work/agent.log" &
+agent_pid=$!
+while ! grep -q url "$work/agent.json" 2>/dev/null; do sleep 0.1; done
+agent_url=$(sed -n 's/.*"url":"\([^"]*\)".*/\1/p' "$work/agent.json")
+$lamina host add h1 "$agent_url" --token-file "$work/host.token" --ca "$work/ca.pem"
+$lamina pool create desk --template desk --base os/guest --min-idle 1 --max 2
+$lamina pool subscribe desk alice
+printf 'demo-password\n' > "$work/alice.pw"
+$lamina user passwd alice --password-file "$work/alice.pw"
+$lamina --json server --listen 127.0.0.1:0 --tls-cert "$work/server.pem" --tls-key "$work/server.key" \
+  --rules-interval 1s > "$work/server.json" 2> "$work/server.log" &
+server_pid=$!
+while ! grep -q url "$work/server.json" 2>/dev/null; do sleep 0.1; done
+url=$(sed -n 's/.*"url":"\([^"]*\)".*/\1/p' "$work/server.json")
+set +x
+echo "waiting for the rule engine to start the pool's idle VM"
+for _ in $(seq 600); do
+  $lamina --json pool ls | grep -q '"idle":1' && break
+  sleep 0.5
+done
+set -x
+$lamina pool show desk
+chromedriver --port=9515 > "$work/chromedriver.log" 2>&1 &
+driver_pid=$!
+wd=http://127.0.0.1:9515
+until curl -s "$wd/status" | grep -q '"ready":true'; do sleep 0.2; done
+set +x
+caps='{"capabilities":{"alwaysMatch":{"acceptInsecureCerts":true,"goog:chromeOptions":{"binary":"/usr/bin/chromium","args":["--headless=new","--no-sandbox","--disable-dev-shm-usage","--disable-gpu","--disable-background-networking","--disable-component-update","--ignore-certificate-errors","--window-size=1280,900"]}}}}'
+value() { python3 -c 'import json,sys;v=json.load(sys.stdin)["value"];print(list(v.values())[0] if isinstance(v,dict) else v)'; }
+sid=$(curl -s -X POST "$wd/session" -d "$caps" | python3 -c 'import json,sys;print(json.load(sys.stdin)["value"]["sessionId"])')
+wdc() { local body='{}'; [ $# -lt 3 ] || body=$3; curl -s -X "$1" "$wd/session/$sid$2" -d "$body"; }
+el() { wdc POST /element "{\"using\":\"css selector\",\"value\":\"$1\"}" | value; }
+js() { wdc POST /execute/sync "{\"script\":\"$1\",\"args\":[]}" | value; }
+echo "Chromium: log in as alice at $url/console and connect to pool desk"
+wdc POST /url "{\"url\":\"$url/console/login\"}" >/dev/null
+wdc POST "/element/$(el '#user')/value" '{"text":"alice"}' >/dev/null
+wdc POST "/element/$(el '#password')/value" '{"text":"demo-password"}' >/dev/null
+wdc POST "/element/$(el '#login')/click" >/dev/null
+until [ "$(js 'return location.pathname')" = /console ]; do sleep 0.2; done
+wdc POST "/element/$(el '#connect-desk')/click" >/dev/null
+for _ in $(seq 240); do
+  [ "$(js 'return document.body.dataset.state||0')" = connected ] && break
+  sleep 0.5
+done
+echo "screen state: $(js 'return document.body.dataset.state||0') ($(js 'return document.getElementById(\"status\").textContent'))"
+sleep 3
+shot=${LAMINA_DEMO_SHOT:-/tmp/lamina-console.png}
+wdc GET /screenshot | python3 -c 'import json,sys,base64;open(sys.argv[1],"wb").write(base64.b64decode(json.load(sys.stdin)["value"]))' "$shot"
+wdc DELETE "" >/dev/null
+echo "saved the console's screenshot: $shot"
+set -x
+$lamina session ls
+$lamina audit ls

@@ -17,12 +17,16 @@
 #   linux-image-amd64 busybox-static e2fsprogs cpio
 #                               : the fixture guest (fixtures/guest/build.sh)
 #   curl                        : raw requests to the sync API in its tests
+#   novnc websockify            : the web console's VNC client (served by the broker)
+#                                 and the peer of `lamina bench broker`
+#   chromium chromium-driver    : the console's browser tests (WebDriver)
 #   rsync unison iproute2       : the peers of `lamina bench sync`, and the
 #                                 network namespace and tbf it runs in
 set -euo pipefail
 pkgs=(librocksdb-dev libclang-dev libzstd-dev pkg-config restic util-linux
       libnbd-bin python3-libnbd fio openssl fuse3 fuse-overlayfs
-      linux-image-amd64 busybox-static e2fsprogs cpio curl rsync unison iproute2)
+      linux-image-amd64 busybox-static e2fsprogs cpio curl rsync unison iproute2
+      novnc websockify chromium chromium-driver)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
 for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done

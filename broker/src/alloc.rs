@@ -50,7 +50,7 @@ enum Choice {
     },
 }
 
-fn geometry(profile: Option<&str>) -> (u32, u32) {
+pub(crate) fn geometry(profile: Option<&str>) -> (u32, u32) {
     match profile {
         Some("phone") => lamina_vm::Profile::Phone.geometry(),
         _ => lamina_vm::Profile::Pc.geometry(),
@@ -300,6 +300,7 @@ impl Broker {
             cpu_percent: None,
             rss_bytes: None,
             profile: None,
+            vnc: None,
         };
         self.reserve(&m).await?;
         Ok(Choice::Start {
@@ -420,7 +421,9 @@ impl Broker {
         let mut reset = None;
         if let Some(mut m) = member.filter(|m| m.session.as_deref() == Some(id)) {
             m.session = None;
-            if stateless {
+            if stateless && m.vnc.is_some() {
+                m.owner = None;
+            } else if stateless {
                 m.owner = None;
                 m.state = MemberState::Starting;
                 self.set_pending(&m.name, true);
@@ -517,6 +520,31 @@ impl Broker {
         )
         .await?;
         Ok(s)
+    }
+
+    /// Marks session `id` as in use now, whoever asks (the screen proxy);
+    /// a session that ended meanwhile is left alone.
+    pub(crate) async fn touch_session(&self, id: &str) {
+        let _guard = self.lock.lock().await;
+        let sid = id.to_owned();
+        let s: Option<Session> = self
+            .read(move |s| model::get(s, SESSION, &sid))
+            .await
+            .unwrap_or(None);
+        if let Some(mut s) = s {
+            s.last_seen_ns = now_ns();
+            if let Err(e) = self
+                .save(Vec::new(), vec![(id.to_owned(), Some(s))], Vec::new())
+                .await
+            {
+                tracing::warn!(session = %id, error = %e, "cannot mark the session in use");
+            }
+        }
+    }
+
+    /// Appends to the audit log; a failure is logged, not returned.
+    pub(crate) async fn audit_entry(&self, e: AuditEntry) {
+        self.audit(e).await;
     }
 
     async fn audit(&self, e: AuditEntry) {

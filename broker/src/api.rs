@@ -17,6 +17,10 @@
 //! | `GET`, `POST /api/v1/hosts`, `DELETE /api/v1/hosts/{host}` | admin | hosts and their last report |
 //! | `GET /api/v1/vms` | admin | every pool's VMs |
 //! | `GET /api/v1/audit?since_ns=N` | admin | the audit log |
+//! | `GET`, `POST /api/v1/desktops`, `DELETE /api/v1/desktops/{name}` | admin | external desktops (`{"name", "vnc": "HOST:PORT", "password"?, "pool"}`) |
+//! | `GET /api/v1/devices` | anyone | the device table; `PUT` `{"toml": …}` admin |
+//! | `PUT /api/v1/users/{name}/password` | the user, admin | `{"password": …}`: the console password |
+//! | `POST /api/v1/sessions/{id}/ticket` | its user | a screen ticket (see `console`) |
 
 use std::sync::Arc;
 
@@ -71,6 +75,13 @@ pub fn router(state: BrokerState) -> Router {
         .route("/api/v1/hosts/{host}", delete(remove_host))
         .route("/api/v1/vms", get(vms))
         .route("/api/v1/audit", get(audit_log))
+        .route("/api/v1/desktops", get(desktops).post(add_desktop))
+        .route("/api/v1/desktops/{name}", delete(remove_desktop))
+        .route("/api/v1/devices", get(devices).put(set_devices))
+        .route(
+            "/api/v1/users/{name}/password",
+            axum::routing::put(set_password),
+        )
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -115,7 +126,7 @@ pub struct Counts {
     pub unknown: u32,
 }
 
-fn view(pool: Pool, members: &[Member], with_vms: bool) -> PoolView {
+pub(crate) fn view(pool: Pool, members: &[Member], with_vms: bool) -> PoolView {
     let mine: Vec<Member> = members
         .iter()
         .filter(|m| m.pool == pool.name)
@@ -174,7 +185,7 @@ pub struct NewPool {
 
 /// An admin's change to the catalog, with its audit entry (what `f`
 /// returns beside its result) written in the same call; wakes the engine.
-async fn admin_change<T, F>(
+pub(crate) async fn admin_change<T, F>(
     s: &BrokerState,
     c: Caller,
     action: &'static str,
@@ -465,4 +476,114 @@ async fn audit_log(
             .read(move |store| audit::list(store, q.since_ns))
             .await?,
     ))
+}
+
+async fn desktops(
+    Authed(c): Authed,
+    State(s): State<BrokerState>,
+) -> Result<Json<Vec<crate::desktop::ExternalDesktop>>> {
+    admin(&c)?;
+    Ok(Json(s.broker.read(crate::desktop::list).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDesktop {
+    name: String,
+    vnc: String,
+    #[serde(default)]
+    password: Option<String>,
+    pool: String,
+}
+
+async fn add_desktop(
+    Authed(c): Authed,
+    State(s): State<BrokerState>,
+    Body(d): Body<NewDesktop>,
+) -> Result<Json<Member>> {
+    let target = format!("{}/{}", d.pool, d.name);
+    let m = admin_change(&s, c, "desktop-add", target, move |store| {
+        let m = crate::desktop::add(store, &d.name, &d.vnc, d.password.as_deref(), &d.pool)?;
+        Ok((m, format!("VNC {}", d.vnc)))
+    })
+    .await?;
+    Ok(Json(m))
+}
+
+async fn remove_desktop(
+    Authed(c): Authed,
+    State(s): State<BrokerState>,
+    Path(name): Path<String>,
+) -> Result<Json<Member>> {
+    let n = name.clone();
+    let m = admin_change(&s, c, "desktop-rm", name, move |store| {
+        Ok((crate::desktop::remove(store, &n)?, String::new()))
+    })
+    .await?;
+    Ok(Json(m))
+}
+
+async fn devices(
+    Authed(_c): Authed,
+    State(s): State<BrokerState>,
+) -> Result<Json<crate::console::DeviceTable>> {
+    Ok(Json(s.broker.read(crate::console::devices).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevicesBody {
+    toml: String,
+}
+
+async fn set_devices(
+    Authed(c): Authed,
+    State(s): State<BrokerState>,
+    Body(b): Body<DevicesBody>,
+) -> Result<Json<crate::console::DeviceTable>> {
+    let t = crate::console::DeviceTable::parse(&b.toml)?;
+    let out = admin_change(&s, c, "devices", "device table".into(), move |store| {
+        crate::console::set_devices(store, &t)?;
+        let n = t.device.len();
+        Ok((t, format!("{n} rows")))
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    password: String,
+}
+
+async fn set_password(
+    Authed(c): Authed,
+    State(s): State<BrokerState>,
+    Path(name): Path<String>,
+    Body(b): Body<PasswordBody>,
+) -> Result<Json<serde_json::Value>> {
+    if !c.admin && c.user != name {
+        return Err(Error::Forbidden(format!(
+            "{} may not set the password of {name}",
+            c.user
+        )));
+    }
+    let actor = c.user.clone();
+    let n = name.clone();
+    s.broker
+        .write(move |store| {
+            crate::password::set(store, &n, &b.password)?;
+            audit::record(
+                store,
+                &[AuditEntry::ok(
+                    &actor,
+                    "password",
+                    &n,
+                    "console password set",
+                )],
+            )
+        })
+        .await?;
+    Ok(Json(serde_json::json!({"user": name, "password": "set"})))
 }

@@ -100,6 +100,16 @@ pub(crate) fn plan(
             continue;
         }
         let before = m.clone();
+        if m.vnc.is_some() {
+            // An external desktop: up as far as the broker knows (a
+            // connection that fails says otherwise, to its user).
+            m.state = MemberState::Running;
+            if m != before {
+                p.members.push((m.name.clone(), Some(m.clone())));
+            }
+            live.push(m);
+            continue;
+        }
         let report = match hosts.get(&m.host) {
             Some(HostStatus::Up { report }) => Some(report),
             _ => None,
@@ -219,7 +229,12 @@ pub(crate) fn plan(
         ));
         if let Some(m) = live.iter_mut().find(|m| m.session.as_deref() == Some(&id)) {
             m.session = None;
-            if pool.rules.stateless {
+            if m.vnc.is_some() {
+                // Nothing to reset or stop on an external desktop.
+                if pool.rules.stateless {
+                    m.owner = None;
+                }
+            } else if pool.rules.stateless {
                 m.owner = None;
                 p.steps.push(Step {
                     member: m.clone(),
@@ -245,9 +260,17 @@ pub(crate) fn plan(
         .filter(|s| s.act == Act::Destroy)
         .map(|s| s.member.name.clone())
         .collect();
+    // External desktops are the pool's too, but outside its counts: idle
+    // ones still spare the engine a VM.
+    let external_idle = live
+        .iter()
+        .filter(|m| m.vnc.is_some() && m.is_idle() && !pending.contains(&m.name))
+        .count() as u32;
     let counted: Vec<&Member> = live
         .iter()
-        .filter(|m| m.state != MemberState::Unknown && !destroying.contains(&m.name))
+        .filter(|m| {
+            m.vnc.is_none() && m.state != MemberState::Unknown && !destroying.contains(&m.name)
+        })
         .collect();
     let mut total = counted.len() as u32;
     let free = |m: &&Member| {
@@ -267,7 +290,8 @@ pub(crate) fn plan(
                 && m.session.is_none()
         })
         .count() as u32;
-    let idle = counted.iter().filter(|m| free(m) && m.is_idle()).count() as u32 + coming;
+    let idle =
+        counted.iter().filter(|m| free(m) && m.is_idle()).count() as u32 + coming + external_idle;
     let mut spare: Vec<&Member> = counted.iter().copied().filter(free).collect();
     if total > limits.max {
         // Stopped ones first, then the newest.
@@ -315,6 +339,7 @@ pub(crate) fn plan(
                 cpu_percent: None,
                 rss_bytes: None,
                 profile: None,
+                vnc: None,
             };
             p.members.push((m.name.clone(), Some(m.clone())));
             p.steps.push(Step {
@@ -604,6 +629,7 @@ mod tests {
             cpu_percent: None,
             rss_bytes: None,
             profile: None,
+            vnc: None,
         }
     }
 
@@ -654,6 +680,63 @@ mod tests {
             .audit
             .iter()
             .all(|e| e.detail.contains("fewer than min_idle 3 max 5")));
+    }
+
+    #[test]
+    fn external_desktops_count_as_idle_and_are_never_touched() {
+        let p = pool(1, 1, true);
+        let hosts = HashMap::from([("a".to_owned(), host(4096, 0.1, &[("p-1", "running")]))]);
+        let mut ext = member("vdi1", "external", MemberState::Unknown, 5);
+        ext.vnc = Some("10.0.0.7:5901".into());
+        let vm = member("p-1", "a", MemberState::Running, 1);
+        // One idle external desktop meets min_idle 1 (no host knows it; it is
+        // not unknown) and is outside max: the idle VM beyond min_idle stops.
+        let first = plan(
+            &p,
+            limits(&p),
+            vec![ext.clone(), vm],
+            vec![],
+            &hosts,
+            &HashSet::new(),
+            9,
+        );
+        assert_eq!(acts(&first), [("stop".to_owned(), "p-1".to_owned())]);
+        let saved: Vec<&Member> = first
+            .members
+            .iter()
+            .filter_map(|(_, m)| m.as_ref())
+            .collect();
+        assert!(saved
+            .iter()
+            .any(|m| m.name == "vdi1" && m.state == MemberState::Running));
+        // Its session reclaimed: no reset or stop of it, only freed.
+        let mut used = ext.clone();
+        used.state = MemberState::Running;
+        used.owner = Some("alice".into());
+        used.session = Some("s1".into());
+        let s = Session {
+            id: "s1".into(),
+            user: "alice".into(),
+            pool: "p".into(),
+            vm: "vdi1".into(),
+            host: "external".into(),
+            started_ns: 0,
+            last_seen_ns: 0,
+        };
+        let mut p2 = pool(0, 1, true);
+        p2.rules.idle_timeout = Some("1s".into());
+        let second = plan(
+            &p2,
+            limits(&p2),
+            vec![used],
+            vec![s],
+            &hosts,
+            &HashSet::new(),
+            10_000_000_000,
+        );
+        assert!(second.steps.is_empty(), "{:?}", acts(&second));
+        let freed = second.members.iter().find_map(|(_, m)| m.clone()).unwrap();
+        assert_eq!((freed.owner, freed.session), (None, None));
     }
 
     #[test]

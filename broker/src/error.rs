@@ -117,7 +117,7 @@ impl Error {
     }
 
     /// The HTTP status and the envelope's kind.
-    fn status(&self) -> (StatusCode, &'static str) {
+    pub(crate) fn status(&self) -> (StatusCode, &'static str) {
         match self {
             Error::InvalidInput(_) => (StatusCode::BAD_REQUEST, "invalid-input"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),

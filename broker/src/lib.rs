@@ -25,9 +25,12 @@ mod alloc;
 pub mod api;
 pub mod audit;
 mod broker;
+pub mod console;
+pub mod desktop;
 mod engine;
 mod error;
 pub mod model;
+pub mod password;
 pub mod rules;
 
 pub use alloc::Desktop;

@@ -15,6 +15,7 @@ pub(crate) const POOL: &str = "broker-pool";
 pub(crate) const SUBSCRIPTION: &str = "broker-sub";
 pub(crate) const MEMBER: &str = "broker-vm";
 pub(crate) const SESSION: &str = "broker-session";
+pub(crate) const VNC_SECRET: &str = "broker-vnc-secret";
 
 /// A host that runs VMs: its agent's address and the token to reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +112,11 @@ pub struct Member {
     /// Display profile (`pc`, `phone`).
     #[serde(default)]
     pub profile: Option<String>,
+    /// An external desktop (`lamina desktop add`): its VNC server's
+    /// `HOST:PORT`. Such a member has no host agent; the rule engine never
+    /// starts, stops or removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc: Option<String>,
 }
 
 impl Member {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod fuse;
 pub mod guest;
 pub mod net;

@@ -6,7 +6,8 @@ use clap::{Args, Parser, Subcommand};
 
 mod broker;
 pub use broker::{
-    AuditCommand, HostAgentArgs, HostCommand, PoolCommand, PoolCreateArgs, SessionCommand, TlsArgs,
+    AuditCommand, DesktopCommand, HostAgentArgs, HostCommand, PoolCommand, PoolCreateArgs,
+    SessionCommand, TlsArgs,
 };
 
 /// Lamina: layered, versioned, synchronised VM disks and file trees.
@@ -105,6 +106,9 @@ pub enum Command {
     /// Users' desktops: ask a pool for one, end it, list them
     #[command(subcommand)]
     Session(SessionCommand),
+    /// Desktops of other VDI products (VNC servers) in the broker's pools
+    #[command(subcommand)]
+    Desktop(DesktopCommand),
     /// The audit log: logins, allocations, admin and rule-engine actions
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -183,6 +187,9 @@ pub struct ServerArgs {
     /// How often the broker's rule engine checks the pools
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     pub rules_interval: String,
+    /// noVNC's files, served to the web console (Debian's `novnc` package)
+    #[arg(long, value_name = "DIR", default_value = lamina_broker::console::NOVNC_DIR)]
+    pub novnc_dir: PathBuf,
 }
 
 /// `lamina user ...`
@@ -205,6 +212,17 @@ pub enum UserCommand {
     Rm {
         /// User name
         name: String,
+    },
+    /// Set a user's web-console password (argon2id; at least 8 characters)
+    Passwd {
+        /// User name
+        name: String,
+        /// File holding the password (first line; `-`: standard input)
+        #[arg(long, value_name = "FILE", required_unless_present = "clear")]
+        password_file: Option<PathBuf>,
+        /// Remove the password instead (no console login)
+        #[arg(long, conflicts_with = "password_file")]
+        clear: bool,
     },
 }
 

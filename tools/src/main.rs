@@ -134,5 +134,6 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Pool(c) => cmd::broker::pool(cli, out, c),
         Command::Session(c) => cmd::broker::session(cli, out, c),
         Command::Audit(c) => cmd::broker::audit(cli, out, c),
+        Command::Desktop(c) => cmd::desktop::run(cli, out, c),
     }
 }

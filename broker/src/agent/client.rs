@@ -13,6 +13,9 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a lifecycle change may take (a VM start waits for QMP).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(200);
 
+/// The `Upgrade` protocol of the agent's VNC route.
+pub const VNC_UPGRADE: &str = "lamina-vnc";
+
 /// A connection to one host agent.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -20,6 +23,8 @@ pub struct AgentClient {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// HTTP/1.1 only, for upgrades (HTTP/2 has none).
+    http1: reqwest::Client,
 }
 
 impl AgentClient {
@@ -28,36 +33,50 @@ impl AgentClient {
     /// # Errors
     /// A CA that is not PEM, TLS set-up failures.
     pub fn new(host: &Host) -> Result<AgentClient> {
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .https_only(host.url.starts_with("https://"))
-            .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true);
-        match &host.ca_pem {
-            Some(pem) => {
-                let ca = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
-                    Error::InvalidInput(format!("the CA of host {} is not PEM: {e}", host.name))
-                })?;
-                b = b.tls_built_in_root_certs(false).add_root_certificate(ca);
-            }
-            None => b = b.tls_built_in_native_certs(true),
-        }
-        let http = b.build().map_err(|e| Error::HostUnreachable {
-            host: host.name.clone(),
-            reason: chain(&e),
-        })?;
         Ok(AgentClient {
             host: host.name.clone(),
             base: host.url.trim_end_matches('/').to_owned(),
             token: host.token.clone(),
-            http,
+            http: build(host, false)?,
+            http1: build(host, true)?,
         })
     }
 
     /// The host's name.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// A raw byte stream to VM `vm`'s VNC display.
+    ///
+    /// # Errors
+    /// Unreachable, refused (no such VM, not running).
+    pub async fn vnc(&self, vm: &str) -> Result<reqwest::Upgraded> {
+        let url = format!("{}/agent/v1/vms/{vm}/vnc", self.base);
+        let unreachable = |e: reqwest::Error| Error::HostUnreachable {
+            host: self.host.clone(),
+            reason: chain(&e),
+        };
+        let resp = self
+            .http1
+            .get(&url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, VNC_UPGRADE)
+            .timeout(REPORT_TIMEOUT)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = resp.status();
+        if status != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            let bytes = resp.bytes().await.map_err(unreachable)?;
+            return Err(Error::Agent {
+                host: self.host.clone(),
+                status: status.as_u16(),
+                message: agent_message(&bytes, status),
+            });
+        }
+        resp.upgrade().await.map_err(unreachable)
     }
 
     async fn call<T: DeserializeOwned>(
@@ -86,14 +105,10 @@ impl AgentClient {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| format!("HTTP {status}"));
             return Err(Error::Agent {
                 host: self.host.clone(),
                 status: status.as_u16(),
-                message,
+                message: agent_message(&bytes, status),
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| Error::Agent {
@@ -153,6 +168,40 @@ impl AgentClient {
             .await?;
         Ok(())
     }
+}
+
+/// The agent's error message in its JSON envelope, else the status.
+fn agent_message(bytes: &[u8], status: reqwest::StatusCode) -> String {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("HTTP {status}"))
+}
+
+/// An HTTP client of `host`'s agent; `http1`: HTTP/1.1 only.
+fn build(host: &Host, http1: bool) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .https_only(host.url.starts_with("https://"))
+        .connect_timeout(Duration::from_secs(3))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true);
+    match &host.ca_pem {
+        Some(pem) => {
+            let ca = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
+                Error::InvalidInput(format!("the CA of host {} is not PEM: {e}", host.name))
+            })?;
+            b = b.tls_built_in_root_certs(false).add_root_certificate(ca);
+        }
+        None => b = b.tls_built_in_native_certs(true),
+    }
+    if http1 {
+        b = b.http1_only();
+    }
+    b.build().map_err(|e| Error::HostUnreachable {
+        host: host.name.clone(),
+        reason: chain(&e),
+    })
 }
 
 /// An error with its causes, on one line.

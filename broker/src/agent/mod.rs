@@ -9,18 +9,21 @@
 //! | `POST /agent/v1/vms` | create and start a VM over a base layer ([`CreateVm`]) |
 //! | `POST /agent/v1/vms/{name}/start` · `stop` · `reset` | lifecycle |
 //! | `DELETE /agent/v1/vms/{name}` | remove the VM and its disk |
+//! | `GET /agent/v1/vms/{name}/vnc` | HTTP/1.1 upgrade to `lamina-vnc`: the VM's VNC socket, raw |
 
 mod client;
 mod ops;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use lamina_sync::api::{ApiState, Authed, Body};
 
-pub use client::AgentClient;
+pub use client::{AgentClient, VNC_UPGRADE};
 pub use ops::{CreateVm, HostOps, HostReport, VmReport};
 
 use crate::error::{Error, Result};
@@ -59,6 +62,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/agent/v1/host", get(host))
         .route("/agent/v1/vms", post(create))
         .route("/agent/v1/vms/{name}/{action}", post(action))
+        .route("/agent/v1/vms/{name}/vnc", get(vnc))
         .route("/agent/v1/vms/{name}", delete(destroy))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
@@ -137,4 +141,53 @@ async fn destroy(
     let vm = name.clone();
     blocking(move || ops.destroy(&vm)).await?;
     Ok(Json(serde_json::json!({"vm": name, "done": "destroy"})))
+}
+
+/// Bridges an upgraded HTTP/1.1 connection to the VM's VNC socket: the
+/// broker's console proxy frames it for the browser.
+async fn vnc(
+    caller: Authed,
+    State(s): State<AgentState>,
+    Path(name): Path<String>,
+    mut req: Request,
+) -> Result<Response> {
+    admin(&caller)?;
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(VNC_UPGRADE));
+    if !wants {
+        return Err(Error::InvalidInput(format!(
+            "the VNC route needs `Connection: upgrade` and `Upgrade: {VNC_UPGRADE}` over HTTP/1.1"
+        )));
+    }
+    let ops = s.ops.clone();
+    let vm = name.clone();
+    let path = blocking(move || ops.vnc_socket(&vm)).await?;
+    // Connect before answering 101, so a VM without a display gets an error.
+    let vnc = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|e| Error::io(format!("cannot reach the VNC socket {}", path.display()), e))?;
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(vm = %name, error = %e, "VNC upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(upgraded);
+        let mut vnc = vnc;
+        match tokio::io::copy_bidirectional(&mut client, &mut vnc).await {
+            Ok((up, down)) => tracing::info!(vm = %name, up, down, "VNC connection closed"),
+            Err(e) => tracing::info!(vm = %name, error = %e, "VNC connection ended"),
+        }
+    });
+    let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static(VNC_UPGRADE));
+    Ok(resp)
 }

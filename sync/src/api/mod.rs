@@ -38,7 +38,7 @@ use tokio::sync::Semaphore;
 pub use caller::Authed;
 pub use error::{ApiError, ApiResult, Body};
 pub use gate::Gate;
-pub use serve::{serve, tls_config, Listening, ServeError};
+pub use serve::{serve, tls_config, Listening, Peer, ServeError};
 
 use crate::chunk::MAX_CHUNK_BYTES;
 use crate::error::Result;

@@ -23,6 +23,11 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+/// The address a request came from, in every request's extensions (for
+/// rate limits and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub SocketAddr);
+
 /// How long a connection may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests get to finish at shutdown.
@@ -158,7 +163,13 @@ pub async fn serve(
         };
         // Only latency is at stake.
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(router.clone());
+        let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut r: Request<hyper::body::Incoming>| {
+                r.extensions_mut().insert(Peer(peer));
+                r
+            },
+        ));
         let builder = builder.clone();
         let acceptor = acceptor.clone();
         let watcher = graceful.watcher();

@@ -5,6 +5,32 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+/// `lamina desktop ...`
+#[derive(Debug, Subcommand)]
+pub enum DesktopCommand {
+    /// Register a desktop of another VDI product (any VNC server) as a member of a pool
+    Add {
+        /// Desktop name (unique among the pools' VMs)
+        name: String,
+        /// Its VNC server
+        #[arg(long, value_name = "HOST:PORT")]
+        vnc: String,
+        /// File holding its VNC password (the broker answers the challenge; browsers never see it)
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Pool it joins
+        #[arg(long, value_name = "POOL")]
+        pool: String,
+    },
+    /// List external desktops
+    Ls,
+    /// Remove an external desktop (refused while in a session)
+    Rm {
+        /// Desktop name
+        name: String,
+    },
+}
+
 /// TLS of `lamina server` and `lamina host-agent`.
 #[derive(Debug, Args)]
 pub struct TlsArgs {

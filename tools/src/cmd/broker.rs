@@ -18,7 +18,7 @@ use crate::cmd::{open, read_ca, read_token_file};
 use crate::output::{bytes, time, NotFound, Out, UsageError};
 
 /// A broker error as the CLI reports it (exit 2 for the caller's mistakes).
-fn err(e: lamina_broker::Error) -> anyhow::Error {
+pub(crate) fn err(e: lamina_broker::Error) -> anyhow::Error {
     match e {
         lamina_broker::Error::Store(s) => s.into(),
         lamina_broker::Error::NotFound(m) => NotFound(m).into(),
@@ -32,7 +32,12 @@ fn actor() -> String {
     format!("cli:{}", crate::cmd::default_author())
 }
 
-fn audit_ok(store: &Store, action: &str, target: &str, detail: String) -> anyhow::Result<()> {
+pub(crate) fn audit_ok(
+    store: &Store,
+    action: &str,
+    target: &str,
+    detail: String,
+) -> anyhow::Result<()> {
     audit::record(store, &[AuditEntry::ok(&actor(), action, target, detail)]).map_err(err)
 }
 

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::cli::{Cli, GroupCommand, TokenCommand, UserCommand};
 use crate::cmd::open;
-use crate::output::{time, Out, UsageError};
+use crate::output::{time, NotFound, Out, UsageError};
 
 pub fn user(cli: &Cli, out: &Out, c: &UserCommand) -> anyhow::Result<ExitCode> {
     match c {
@@ -43,6 +43,30 @@ pub fn user(cli: &Cli, out: &Out, c: &UserCommand) -> anyhow::Result<ExitCode> {
                 s
             })?;
         }
+        UserCommand::Passwd {
+            name,
+            password_file,
+            clear,
+        } => {
+            let store = open(cli, out, Access::Write)?;
+            let broker = |e: lamina_broker::Error| match e {
+                lamina_broker::Error::NotFound(m) => anyhow::Error::from(NotFound(m)),
+                e if e.is_caller_fault() => UsageError(e.to_string()).into(),
+                e => e.into(),
+            };
+            if *clear {
+                let had = lamina_broker::password::clear(&store, name).map_err(broker)?;
+                out.result(&json!({ "user": name, "cleared": had }), || {
+                    format!("{name} has no console password now")
+                })?;
+            } else {
+                let pw = read_password(password_file.as_deref())?;
+                lamina_broker::password::set(&store, name, &pw).map_err(broker)?;
+                out.result(&json!({ "user": name, "password": "set" }), || {
+                    format!("set the console password of {name}")
+                })?;
+            }
+        }
         UserCommand::Rm { name } => {
             let store = open(cli, out, Access::Write)?;
             store.remove_user(name)?;
@@ -52,6 +76,17 @@ pub fn user(cli: &Cli, out: &Out, c: &UserCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first line of a password file (`-`: standard input).
+fn read_password(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let text = match file {
+        Some(p) if p.as_os_str() == "-" => std::io::read_to_string(std::io::stdin())?,
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| UsageError(format!("cannot read password file {}: {e}", p.display())))?,
+        None => return Err(UsageError("give --password-file FILE".into()).into()),
+    };
+    Ok(text.lines().next().unwrap_or("").to_owned())
 }
 
 pub fn group(cli: &Cli, out: &Out, c: &GroupCommand) -> anyhow::Result<ExitCode> {

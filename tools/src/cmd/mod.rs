@@ -3,6 +3,7 @@
 pub mod broker;
 pub mod compose;
 pub mod conflicts;
+pub mod desktop;
 pub mod disk;
 pub mod identity;
 pub mod layer;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use lamina_broker::agent::{self, AgentState, HostOps};
 use lamina_broker::api::BrokerState;
+use lamina_broker::console::ConsoleState;
 use lamina_broker::Broker;
 use lamina_sync::api::{self, ApiState};
 
@@ -96,10 +97,17 @@ pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
     let state = open_state(&root)?;
     let rt = runtime()?;
     let broker = Broker::new(state.gate.clone());
-    let router = api::router(state.clone()).merge(lamina_broker::api::router(BrokerState {
+    let bstate = BrokerState {
         api: state.clone(),
         broker: broker.clone(),
-    }));
+    };
+    let console = ConsoleState::new(bstate.clone(), a.novnc_dir.clone(), tls.is_some());
+    if !a.novnc_dir.join("core/rfb.js").is_file() {
+        tracing::warn!(dir = %a.novnc_dir.display(), "no noVNC here (core/rfb.js): the console cannot show screens; apt-get install novnc or give --novnc-dir");
+    }
+    let router = api::router(state.clone())
+        .merge(lamina_broker::api::router(bstate))
+        .merge(lamina_broker::console::router(console));
     let json = out.json;
     let what = root.display().to_string();
     let result = rt.block_on(async move {

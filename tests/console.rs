@@ -1,0 +1,655 @@
+//! The web console (issue #11) in a real browser: headless Chromium driven
+//! over WebDriver (chromedriver) against a `lamina server` with two host
+//! agents running the fixture guest (TCG). A user logs in with a password,
+//! connects to a pool from a PC-sized window and from a phone-sized one,
+//! and the page's noVNC canvas shows the guest's colour bars at the
+//! profile's geometry (1280×800, 720×1280); a desktop of "another VDI
+//! product" (a second QEMU with a password-protected VNC TCP display) is
+//! reached the same way. The console's security checks are asserted with
+//! raw requests: cookie flags, CSRF, foreign origins, login rate limits,
+//! single-use tickets, another user's session. Screenshots are saved in
+//! the test's work directory and under `target/tmp/console/`.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::broker::*;
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+const PASSWORD: &str = "correct horse battery";
+const PHONE_UA: &str = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/148.0 Mobile Safari/537.36";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// chromedriver, killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start() -> Option<Driver> {
+        let ok = Command::new("chromedriver")
+            .arg("--version")
+            .output()
+            .is_ok()
+            && Path::new("/usr/bin/chromium").exists();
+        if !require(
+            ok,
+            "chromium and chromedriver (apt-get install chromium chromium-driver)",
+        ) {
+            return None;
+        }
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    /// A new headless Chromium with a window of `w`×`h` (and `ua`).
+    async fn browser(&self, w: u32, h: u32, ua: Option<&str>) -> Client {
+        let profile = tempfile::tempdir().unwrap().keep();
+        let mut args = vec![
+            "--headless=new".to_owned(),
+            "--no-sandbox".into(),
+            "--disable-dev-shm-usage".into(),
+            "--disable-gpu".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--disable-quic".into(),
+            "--no-first-run".into(),
+            // The test's CA is not the system's.
+            "--ignore-certificate-errors".into(),
+            format!("--window-size={w},{h}"),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        if let Some(ua) = ua {
+            args.push(format!("--user-agent={ua}"));
+        }
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": "/usr/bin/chromium", "args": args}),
+        );
+        caps.insert("acceptInsecureCerts".into(), json!(true));
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .expect("a Chromium session")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn js(c: &Client, script: &str) -> Value {
+    c.execute(script, vec![]).await.unwrap()
+}
+
+/// Polls `script` until `ok` holds for its value.
+async fn wait_js(c: &Client, script: &str, secs: u64, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = js(c, script).await;
+        if ok(&v) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let html = c.source().await.unwrap_or_default();
+            panic!("{script} → {v} after {secs} s; page:\n{html}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn log_in(c: &Client, base: &str, user: &str) {
+    c.goto(&format!("{base}/console/login")).await.unwrap();
+    c.find(Locator::Css("#user"))
+        .await
+        .unwrap()
+        .send_keys(user)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#password"))
+        .await
+        .unwrap()
+        .send_keys(PASSWORD)
+        .await
+        .unwrap();
+    c.find(Locator::Css("#login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_js(c, "return location.pathname", 20, |v| v == "/console").await;
+}
+
+/// What the page's noVNC canvas shows: `[width, height, distinct colours
+/// sampled, CSS width, CSS height]`, or null.
+const CANVAS: &str = "const cv=document.querySelector('#screen canvas');\
+if(!cv||document.body.dataset.state!=='connected')return null;\
+const d=cv.getContext('2d').getImageData(0,0,cv.width,cv.height).data;\
+const seen=new Set();for(let i=0;i<d.length;i+=4*61){seen.add((d[i]<<16)|(d[i+1]<<8)|d[i+2]);}\
+return [cv.width,cv.height,seen.size,cv.clientWidth,cv.clientHeight];";
+
+/// Connects to `pool` from the home page; waits for the guest's colour
+/// bars; saves a screenshot as `name`. Returns the canvas figures.
+async fn connect(c: &Client, base: &str, pool: &str, shots: &[PathBuf], name: &str) -> Vec<u64> {
+    c.goto(&format!("{base}/console")).await.unwrap();
+    c.find(Locator::Css(&format!("#connect-{pool}")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_js(c, "return location.pathname", 30, |v| {
+        v.as_str()
+            .is_some_and(|p| p.starts_with("/console/screen/"))
+    })
+    .await;
+    // Connected, and the fixture guest's 8 colour bars drawn.
+    let v = wait_js(c, CANVAS, 90, |v| v[2].as_u64().unwrap_or(0) >= 6).await;
+    let png = c.screenshot().await.unwrap();
+    for dir in shots {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(name), &png).unwrap();
+    }
+    eprintln!("screenshot {name}: {v}");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// Distinct colours of a PNG (sampled).
+fn png_colours(path: &Path) -> usize {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let mut seen = std::collections::HashSet::new();
+    for p in buf[..info.buffer_size()].chunks(px).step_by(53) {
+        seen.insert((p[0], p[1], p[2]));
+    }
+    seen.len()
+}
+
+/// A request with curl (HTTP/1.1): status, headers, body.
+fn raw(ca: &Path, args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--http1.1", "--max-time", "5", "--cacert"])
+        .arg(ca)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+fn cookie_of(headers: &str) -> String {
+    headers
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned()
+}
+
+/// A WebSocket handshake for a screen (curl stops after the answer).
+fn ws_args(url: &str, origin: &str) -> Vec<String> {
+    [
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "-H",
+        &format!("Origin: {origin}"),
+        url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A second QEMU with a VNC TCP display behind a password: the "other VDI
+/// product".
+struct External {
+    child: Child,
+    port: u16,
+}
+
+impl External {
+    fn start(g: &Path, dir: &Path) -> External {
+        let disk = dir.join("ext-disk.raw");
+        std::fs::copy(g.join("disk.raw"), &disk).unwrap();
+        let display = loop {
+            let d = 40 + rand::random::<u16>() % 50;
+            if std::net::TcpListener::bind(("127.0.0.1", 5900 + d)).is_ok() {
+                break d;
+            }
+        };
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "160",
+                "-no-reboot",
+                "-serial",
+                "null",
+            ])
+            .args(["-object", "secret,id=vncpw,data=vdi-pw1"])
+            .args([
+                "-vnc",
+                &format!("127.0.0.1:{display},password-secret=vncpw"),
+            ])
+            .arg("-kernel")
+            .arg(g.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(g.join("initrd.img"))
+            .args(["-append", APPEND])
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio", disk.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let port = 5900 + display;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the external desktop's VNC did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        External { child, port }
+    }
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn users_reach_their_desktops_in_a_real_browser() {
+    let Some(s) = Setup::new(2) else { return };
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let g = common::guest::guest().unwrap();
+    let env = &s.central.env;
+    let base = s.srv().url();
+    let ca = s.central.certs.ca.clone();
+    let shots = vec![
+        env.path("screens"),
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console"),
+    ];
+
+    // Pools: PCs (a pool of 2, one VM per host) and phones; an external
+    // desktop in a pool of its own.
+    for (pool, template, min) in [("pcs", "fixture", "2"), ("phones", "fixture-phone", "1")] {
+        env.ok(&[
+            "pool",
+            "create",
+            pool,
+            "--template",
+            template,
+            "--base",
+            "os/guest",
+            "--min-idle",
+            min,
+            "--max",
+            min,
+        ]);
+    }
+    env.ok(&[
+        "pool",
+        "create",
+        "vdi",
+        "--template",
+        "fixture",
+        "--base",
+        "os/guest",
+        "--min-idle",
+        "0",
+        "--max",
+        "1",
+    ]);
+    let ext = External::start(g, &env.path(""));
+    let pw = env.path("vnc.pw");
+    std::fs::write(&pw, "vdi-pw1\n").unwrap();
+    env.ok(&[
+        "desktop",
+        "add",
+        "ext1",
+        "--vnc",
+        &format!("127.0.0.1:{}", ext.port),
+        "--password-file",
+        pw.to_str().unwrap(),
+        "--pool",
+        "vdi",
+    ]);
+    let listed = env.json(&["desktop", "ls"]);
+    assert_eq!(listed["desktops"][0]["password"], true);
+    assert!(
+        !env.ok(&["--json", "desktop", "ls"]).contains("vdi-pw1"),
+        "the password is never listed"
+    );
+
+    // Users with console passwords.
+    let alice_token = s.central.user("alice", &[]);
+    let _bob_token = s.central.user("bob", &[]);
+    s.central.user("root", &["--admin"]);
+    let pwf = env.path("pw");
+    std::fs::write(&pwf, format!("{PASSWORD}\n")).unwrap();
+    for u in ["alice", "bob", "root"] {
+        env.ok(&[
+            "user",
+            "passwd",
+            u,
+            "--password-file",
+            pwf.to_str().unwrap(),
+        ]);
+    }
+    let short = env.path("short");
+    std::fs::write(&short, "short\n").unwrap();
+    let (code, err) = env.fail(&[
+        "user",
+        "passwd",
+        "alice",
+        "--password-file",
+        short.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at least 8"), "{err}");
+    for pool in ["pcs", "phones", "vdi"] {
+        env.ok(&["pool", "subscribe", pool, "alice"]);
+    }
+    s.wait("pcs", "2 idle", 180, |v| idle(v) == 2);
+    s.wait("phones", "1 idle", 180, |v| idle(v) == 1);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // A PC browser: the pc pool fits it, 1280×800 scaled to the window.
+        let pc = driver.browser(1280, 900, None).await;
+        log_in(&pc, &base, "alice").await;
+        let home = pc.source().await.unwrap();
+        assert!(home.contains("id=\"device\">pc<"), "a PC browser is a pc device");
+        let v = connect(&pc, &base, "pcs", &shots, "pc.png").await;
+        assert_eq!((v[0], v[1]), (1280, 800), "the pc profile's screen");
+        assert!(v[3] <= 1280 && v[3] >= 600, "scaled to the viewport: {v:?}");
+        assert!(png_colours(&shots[0].join("pc.png")) >= 6, "the screenshot shows the guest's bars");
+        // Keyboard and pointer go to the VM (noVNC sends them; the page
+        // stays connected).
+        let canvas = pc.find(Locator::Css("#screen canvas")).await.unwrap();
+        canvas.click().await.unwrap();
+        canvas.send_keys("lamina").await.unwrap();
+        let state = js(&pc, "return document.body.dataset.state").await;
+        assert_eq!(state, "connected");
+        // Disconnect ends the session; the audit log has login, connect and
+        // disconnect.
+        pc.find(Locator::Css("#disconnect")).await.unwrap().click().await.unwrap();
+        wait_js(&pc, "return location.pathname", 20, |v| v == "/console").await;
+
+        // The external desktop, through the same console: the broker
+        // answered its VNC password challenge.
+        let v = connect(&pc, &base, "vdi", &shots, "external.png").await;
+        assert!(v[0] >= 640 && v[1] >= 400, "the desktop's own screen: {v:?}");
+        pc.find(Locator::Css("#disconnect")).await.unwrap().click().await.unwrap();
+        wait_js(&pc, "return location.pathname", 20, |v| v == "/console").await;
+
+        // The admin console: hosts with load, pools with their VMs, audit.
+        let admin = driver.browser(1280, 1000, None).await;
+        log_in(&admin, &base, "root").await;
+        admin.goto(&format!("{base}/console/admin")).await.unwrap();
+        let page = admin.source().await.unwrap();
+        for want in ["h1", "h2", "up · load", "pcs-", "ext1", "127.0.0.1:", "alice"] {
+            assert!(page.contains(want), "admin page shows {want}");
+        }
+        // Each running VM's RSS (MiB) from its host's last report.
+        let rss = js(&admin, "return [...document.querySelectorAll('table.vms tr')].slice(1).filter(r=>r.cells[1].textContent==='running'&&r.cells[2].textContent!=='external').map(r=>r.cells[5].textContent)").await;
+        assert!(
+            rss.as_array().unwrap().iter().all(|c| c.as_str().unwrap().parse::<u64>().unwrap_or(0) > 10),
+            "RSS of every running VM: {rss}"
+        );
+        let png = admin.screenshot().await.unwrap();
+        for d in &shots {
+            std::fs::write(d.join("admin.png"), &png).unwrap();
+        }
+        admin.goto(&format!("{base}/console/admin/audit")).await.unwrap();
+        let page = admin.source().await.unwrap();
+        for want in [">login<", ">connect<", ">disconnect<", ">allocate<", ">release<"] {
+            assert!(page.contains(want), "the audit page lists {want}");
+        }
+        // Rules from the console: one that cannot hold is refused, shown.
+        admin.goto(&format!("{base}/console/admin/pools/phones/rules")).await.unwrap();
+        let area = admin.find(Locator::Css("#rules")).await.unwrap();
+        area.clear().await.unwrap();
+        area.send_keys("min_idle = 3\nmax = 1\n").await.unwrap();
+        admin.find(Locator::Css("#save")).await.unwrap().click().await.unwrap();
+        let err = wait_js(&admin, "const e=document.getElementById('error');return e?e.textContent:null", 20, |v| v.is_string()).await;
+        assert!(err.as_str().unwrap().contains("min_idle"), "{err}");
+        admin.close().await.unwrap();
+
+        pc.close().await.unwrap();
+
+        // A phone: the phones pool comes first and fits; 720×1280 portrait,
+        // scaled down into a 390-pixel-wide viewport.
+        let phone = driver.browser(390, 844, Some(PHONE_UA)).await;
+        log_in(&phone, &base, "alice").await;
+        let home = phone.source().await.unwrap();
+        assert!(home.contains("id=\"device\">phone<"), "a phone is a phone device");
+        let first = home.find("data-pool=\"phones\"").unwrap();
+        assert!(first < home.find("data-pool=\"pcs\"").unwrap(), "pools that fit the device first");
+        let v = connect(&phone, &base, "phones", &shots, "phone.png").await;
+        assert_eq!((v[0], v[1]), (720, 1280), "the phone profile's screen");
+        assert!(v[3] <= 390 && v[4] <= 844, "scaled into the phone's viewport: {v:?}");
+        phone.close().await.unwrap();
+    });
+    let audit = s.audit();
+    for (action, ok) in [("login", true), ("connect", true), ("disconnect", true)] {
+        assert!(
+            audit
+                .iter()
+                .any(|e| e["action"] == action && e["ok"] == ok && e["actor"] == "alice"),
+            "audit has {action} by alice"
+        );
+    }
+
+    // --- The console's security, with raw requests. ---
+    // Login: cookie flags; wrong passwords are counted and rate-limited.
+    let login = |user: &str, pw: &str, origin: &str| {
+        raw(
+            &ca,
+            &[
+                "-H",
+                &format!("Origin: {origin}"),
+                "--data-urlencode",
+                &format!("user={user}"),
+                "--data-urlencode",
+                &format!("password={pw}"),
+                &format!("{base}/console/login"),
+            ],
+        )
+    };
+    let (st, head, _) = login("alice", PASSWORD, &base);
+    assert_eq!(st, 303, "{head}");
+    let lower = head.to_lowercase();
+    for flag in ["httponly", "secure", "samesite=strict"] {
+        assert!(lower.contains(flag), "cookie flag {flag}: {head}");
+    }
+    let cookie = cookie_of(&head);
+    let (st, _, body) = login("alice", PASSWORD, "https://evil.example");
+    assert_eq!(st, 403, "a login posted from another site: {body}");
+    for _ in 0..5 {
+        let (st, _, _) = login("carol", "wrong-password", &base);
+        assert_eq!(st, 401);
+    }
+    let (st, head, body) = login("carol", "wrong-password", &base);
+    assert_eq!(st, 429, "{body}");
+    assert!(head.to_lowercase().contains("retry-after"), "{head}");
+    assert!(s
+        .audit()
+        .iter()
+        .any(|e| e["action"] == "login" && e["ok"] == false && e["actor"] == "carol"));
+
+    // CSRF: a form without the token, or from another origin, is refused.
+    let (st, _, body) = raw(
+        &ca,
+        &[
+            "-H",
+            &format!("Cookie: {cookie}"),
+            "-H",
+            &format!("Origin: {base}"),
+            "-d",
+            "x=1",
+            &format!("{base}/console/pools/pcs/connect"),
+        ],
+    );
+    assert_eq!(st, 403, "{body}");
+    assert!(body.contains("CSRF"), "{body}");
+    let (st, _, _) = raw(
+        &ca,
+        &[
+            "-H",
+            &format!("Cookie: {cookie}"),
+            "-H",
+            "Origin: https://evil.example",
+            "-d",
+            "csrf=x",
+            &format!("{base}/console/logout"),
+        ],
+    );
+    assert_eq!(st, 403);
+    // Pages need a login; admin pages an admin.
+    let (st, head, _) = raw(&ca, &[&format!("{base}/console")]);
+    assert_eq!(st, 303);
+    assert!(head.contains("/console/login"));
+    let (st, _, _) = raw(
+        &ca,
+        &[
+            "-H",
+            &format!("Cookie: {cookie}"),
+            &format!("{base}/console/admin"),
+        ],
+    );
+    assert_eq!(st, 403, "alice is no admin");
+    // The pages carry a strict CSP.
+    let (_, head, _) = raw(
+        &ca,
+        &[
+            "-H",
+            &format!("Cookie: {cookie}"),
+            &format!("{base}/console"),
+        ],
+    );
+    assert!(
+        head.to_lowercase()
+            .contains("content-security-policy: default-src 'self'"),
+        "{head}"
+    );
+
+    // Tickets: only for one's own session, single use, own origin only.
+    let alice = Env::new();
+    alice.ok(&[
+        "remote",
+        "add",
+        "central",
+        &base,
+        "--token-file",
+        alice_token.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    let d = alice.json(&["session", "open", "central", "pcs"]);
+    let sid = d["session"]["id"].as_str().unwrap().to_owned();
+    let tok = std::fs::read_to_string(&alice_token).unwrap();
+    let bob_tok = std::fs::read_to_string(s.central.env.path("bob.token")).unwrap();
+    let ticket = |t: &str| {
+        let (st, _, body) = raw(
+            &ca,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                &format!("Authorization: Bearer {t}"),
+                &format!("{base}/api/v1/sessions/{sid}/ticket"),
+            ],
+        );
+        (
+            st,
+            serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
+        )
+    };
+    let (st, v) = ticket(&bob_tok);
+    assert_eq!(st, 404, "bob gets no ticket for alice's screen: {v}");
+    let (st, v) = ticket(&tok);
+    assert_eq!(st, 200, "{v}");
+    let ws = format!("{base}{}", v["websocket"].as_str().unwrap());
+    let a = ws_args(&ws, "https://evil.example");
+    let (st, _, body) = raw(&ca, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(st, 403, "a foreign Origin: {body}");
+    let a = ws_args(&ws, &base);
+    let (st, head, _) = raw(&ca, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(st, 101, "the ticket opens the screen once: {head}");
+    let (st, _, body) = raw(&ca, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(st, 403, "a reused ticket: {body}");
+    assert!(body.contains("already used"), "{body}");
+    let bad = format!("{base}/console/ws?ticket=0000");
+    let a = ws_args(&bad, &base);
+    let (st, _, _) = raw(&ca, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(st, 403, "a made-up ticket");
+    eprintln!("screenshots in {}", shots[0].display());
+}
