@@ -41,7 +41,7 @@ pub struct Desktop {
 }
 
 /// What the allocator decided under the lock.
-enum Choice {
+pub(crate) enum Choice {
     Ready(Desktop),
     /// A VM to create or start first.
     Start {
@@ -67,6 +67,29 @@ fn desktop(session: Session, m: &Member, reused: bool, started: bool) -> Desktop
         reused,
         started,
     }
+}
+
+/// A queued request for a desktop.
+pub(crate) struct Ask {
+    caller: Caller,
+    another: bool,
+    reply: tokio::sync::oneshot::Sender<Result<Choice>>,
+}
+
+/// Requests waiting for the lock, by pool.
+pub(crate) type Asks = std::sync::Mutex<std::collections::HashMap<String, Vec<Ask>>>;
+
+fn locked_asks(a: &Asks) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<Ask>>> {
+    // A plain map: a panic elsewhere leaves it usable.
+    a.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records one round of decisions changes.
+#[derive(Default)]
+struct Records {
+    members: Vec<(String, Option<Member>)>,
+    sessions: Vec<(String, Option<Session>)>,
+    audit: Vec<AuditEntry>,
 }
 
 struct Snapshot {
@@ -98,6 +121,11 @@ impl Broker {
     /// A desktop of `pool` for `caller`; `another`: a further one beside
     /// those the caller holds (up to the pool's `per_user`).
     ///
+    /// Requests that arrive while the lock is held queue up; whoever takes
+    /// the lock next decides all of them over one snapshot of the catalog
+    /// and records them in one batch (a burst of users costs a few catalog
+    /// commits, not one each).
+    ///
     /// # Errors
     /// 403 when not subscribed, "pool full", the per-user limit, a VM that
     /// fails to start.
@@ -108,22 +136,26 @@ impl Broker {
         another: bool,
     ) -> Result<Desktop> {
         let user = caller.user.clone();
-        let target = format!("pool {pool}");
-        let choice = {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        locked_asks(&self.asks)
+            .entry(pool.to_owned())
+            .or_default()
+            .push(Ask {
+                caller: caller.clone(),
+                another,
+                reply: tx,
+            });
+        {
             let _guard = self.lock.lock().await;
-            let chosen = match self.snapshot(pool).await {
-                Ok(snap) => self.choose(caller, snap, another).await,
-                Err(e) => Err(e),
-            };
-            match chosen {
-                Ok(c) => c,
-                Err(e) => {
-                    let entry = AuditEntry::failed(&user, "allocate", &target, e.to_string());
-                    self.audit(entry).await;
-                    return Err(e);
-                }
+            let asks = locked_asks(&self.asks).remove(pool).unwrap_or_default();
+            if !asks.is_empty() {
+                self.decide(pool, asks).await;
             }
-        };
+        }
+        // Decided by this call or by one that held the lock before it.
+        let choice = rx
+            .await
+            .map_err(|_| Error::Panicked("an allocation was dropped undecided".into()))??;
         let (member, create) = match choice {
             Choice::Ready(d) => return Ok(d),
             Choice::Start { member, create } => (member, create),
@@ -193,27 +225,115 @@ impl Broker {
         result
     }
 
-    /// The decision, under the lock; records what it decides.
-    async fn choose(&self, caller: &Caller, snap: Snapshot, another: bool) -> Result<Choice> {
-        let Snapshot {
-            pool,
-            subs,
-            members,
-            sessions,
-        } = snap;
-        if !model::subscribed(&subs, &pool.name, &caller.user, &caller.groups) {
+    /// Decides `asks` for `pool` in order over one snapshot, records all
+    /// decisions in one batch, then answers each. Under the lock.
+    async fn decide(&self, pool: &str, asks: Vec<Ask>) {
+        let mut snap = match self.snapshot(pool).await {
+            Ok(s) => s,
+            Err(e) => {
+                let entries: Vec<AuditEntry> = asks
+                    .iter()
+                    .map(|a| {
+                        AuditEntry::failed(
+                            &a.caller.user,
+                            "allocate",
+                            &format!("pool {pool}"),
+                            e.to_string(),
+                        )
+                    })
+                    .collect();
+                let _ = self.save(Vec::new(), Vec::new(), entries).await;
+                for a in asks {
+                    let _ = a.reply.send(Err(e.duplicate()));
+                }
+                return;
+            }
+        };
+        let mut recs = Records::default();
+        let mut answers = Vec::with_capacity(asks.len());
+        for a in asks {
+            let c = self.choose(&a.caller, &mut snap, a.another, &mut recs);
+            if let Err(e) = &c {
+                recs.audit.push(AuditEntry::failed(
+                    &a.caller.user,
+                    "allocate",
+                    &format!("pool {pool}"),
+                    e.to_string(),
+                ));
+            }
+            answers.push((a.reply, c));
+        }
+        let starting: Vec<String> = answers
+            .iter()
+            .filter_map(|(_, c)| match c {
+                Ok(Choice::Start { member, .. }) => Some(member.name.clone()),
+                _ => None,
+            })
+            .collect();
+        let handed = answers
+            .iter()
+            .any(|(_, c)| matches!(c, Ok(Choice::Ready(d)) if !d.reused));
+        if let Err(e) = self.save(recs.members, recs.sessions, recs.audit).await {
+            for name in &starting {
+                self.set_pending(name, false);
+            }
+            for (reply, _) in answers {
+                let _ = reply.send(Err(e.duplicate()));
+            }
+            return;
+        }
+        if handed || !starting.is_empty() {
+            self.wake.notify_one();
+        }
+        // A request whose caller went away meanwhile: a session it got
+        // waits for the user's next ask; a VM it was to start is put back.
+        let mut undo = Vec::new();
+        for (reply, c) in answers {
+            if let Err(Ok(Choice::Start { mut member, create })) = reply.send(c) {
+                self.set_pending(&member.name, false);
+                let rec = if create {
+                    None
+                } else {
+                    member.state = MemberState::Stopped;
+                    Some(member.clone())
+                };
+                undo.push((member.name.clone(), rec));
+            }
+        }
+        if !undo.is_empty() {
+            if let Err(e) = self.save(undo, Vec::new(), Vec::new()).await {
+                tracing::warn!(error = %e, "cannot put back the VMs of abandoned requests");
+            }
+        }
+    }
+
+    /// One decision over the snapshot, which it updates; the records it
+    /// changes go to `recs`.
+    fn choose(
+        &self,
+        caller: &Caller,
+        snap: &mut Snapshot,
+        another: bool,
+        recs: &mut Records,
+    ) -> Result<Choice> {
+        let pool = snap.pool.clone();
+        if !model::subscribed(&snap.subs, &pool.name, &caller.user, &caller.groups) {
             return Err(Error::Forbidden(format!(
                 "{} is not subscribed to pool {}",
                 caller.user, pool.name
             )));
         }
-        let mine: Vec<&Session> = sessions.iter().filter(|s| s.user == caller.user).collect();
+        let mine: Vec<Session> = snap
+            .sessions
+            .iter()
+            .filter(|s| s.user == caller.user)
+            .cloned()
+            .collect();
         if !another {
             if let Some(s) = mine.first() {
-                let mut s = (*s).clone();
+                let mut s = s.clone();
                 s.last_seen_ns = now_ns();
-                let m = members.iter().find(|m| m.name == s.vm);
-                let d = match m {
+                let d = match snap.members.iter().find(|m| m.name == s.vm) {
                     Some(m) => desktop(s.clone(), m, true, false),
                     None => {
                         let (width, height) = geometry(None);
@@ -227,53 +347,53 @@ impl Broker {
                         }
                     }
                 };
-                self.save(Vec::new(), vec![(s.id.clone(), Some(s))], Vec::new())
-                    .await?;
+                recs.sessions.push((s.id.clone(), Some(s)));
                 return Ok(Choice::Ready(d));
             }
         }
-        let held = members
+        let held = snap
+            .members
             .iter()
             .filter(|m| {
                 m.owner.as_deref() == Some(&caller.user) || mine.iter().any(|s| s.vm == m.name)
             })
             .count() as u32;
+        let per_user = || Error::PerUserLimit {
+            pool: pool.name.clone(),
+            user: caller.user.clone(),
+            per_user: pool.rules.per_user,
+        };
         if another && held >= pool.rules.per_user {
-            return Err(Error::PerUserLimit {
-                pool: pool.name.clone(),
-                user: caller.user.clone(),
-                per_user: pool.rules.per_user,
-            });
+            return Err(per_user());
         }
         // The VM the user owns, in a pool that keeps VMs.
         if !pool.rules.stateless {
-            if let Some(m) = members.iter().find(|m| {
+            if let Some(i) = snap.members.iter().position(|m| {
                 m.owner.as_deref() == Some(&caller.user)
                     && m.session.is_none()
                     && !self.is_pending(&m.name)
             }) {
-                return self.take(caller, &pool, m.clone()).await;
+                return Ok(self.take(caller, snap, i, recs));
             }
             if held >= pool.rules.per_user {
-                return Err(Error::PerUserLimit {
-                    pool: pool.name.clone(),
-                    user: caller.user.clone(),
-                    per_user: pool.rules.per_user,
-                });
+                return Err(per_user());
             }
         }
-        let mut idle: Vec<&Member> = members
+        let idle = snap
+            .members
             .iter()
-            .filter(|m| m.is_idle() && !self.is_pending(&m.name))
-            .collect();
-        idle.sort_by_key(|m| m.created_ns);
-        if let Some(m) = idle.first() {
-            return self.take(caller, &pool, (*m).clone()).await;
+            .enumerate()
+            .filter(|(_, m)| m.is_idle() && !self.is_pending(&m.name))
+            .min_by_key(|(_, m)| m.created_ns)
+            .map(|(i, _)| i);
+        if let Some(i) = idle {
+            return Ok(self.take(caller, snap, i, recs));
         }
         let limits = pool.rules.limits(crate::rules::WeekTime::now());
-        let total = members
+        let total = snap
+            .members
             .iter()
-            .filter(|m| m.state != MemberState::Unknown)
+            .filter(|m| m.state != MemberState::Unknown && m.vnc.is_none())
             .count() as u32;
         if total >= limits.max {
             return Err(Error::PoolFull {
@@ -302,41 +422,31 @@ impl Broker {
             profile: None,
             vnc: None,
         };
-        self.reserve(&m).await?;
+        self.set_pending(&m.name, true);
+        recs.members.push((m.name.clone(), Some(m.clone())));
+        snap.members.push(m.clone());
         Ok(Choice::Start {
             member: m,
             create: true,
         })
     }
 
-    /// Marks `m` pending and records it, before its start outside the lock.
-    async fn reserve(&self, m: &Member) -> Result<()> {
-        self.set_pending(&m.name, true);
-        let saved = self
-            .save(
-                vec![(m.name.clone(), Some(m.clone()))],
-                Vec::new(),
-                Vec::new(),
-            )
-            .await;
-        if saved.is_err() {
-            self.set_pending(&m.name, false);
-        }
-        saved
-    }
-
-    /// Gives `m` to the caller: a session at once if it runs, else a start.
-    async fn take(&self, caller: &Caller, pool: &Pool, mut m: Member) -> Result<Choice> {
+    /// Gives member `i` of the snapshot to the caller: a session at once if
+    /// it runs, else a start (the member marked pending).
+    fn take(&self, caller: &Caller, snap: &mut Snapshot, i: usize, recs: &mut Records) -> Choice {
+        let pool = &snap.pool;
+        let m = &mut snap.members[i];
         if !pool.rules.stateless {
             m.owner = Some(caller.user.clone());
         }
         if m.state != MemberState::Running {
             m.state = MemberState::Starting;
-            self.reserve(&m).await?;
-            return Ok(Choice::Start {
-                member: m,
+            self.set_pending(&m.name, true);
+            recs.members.push((m.name.clone(), Some(m.clone())));
+            return Choice::Start {
+                member: m.clone(),
                 create: false,
-            });
+            };
         }
         let now = now_ns();
         let session = Session {
@@ -349,20 +459,18 @@ impl Broker {
             last_seen_ns: now,
         };
         m.session = Some(session.id.clone());
-        let entry = AuditEntry::ok(
+        recs.audit.push(AuditEntry::ok(
             &caller.user,
             "allocate",
             &format!("{}/{}", m.pool, m.name),
             format!("session {} on host {} (idle VM)", session.id, m.host),
-        );
-        self.save(
-            vec![(m.name.clone(), Some(m.clone()))],
-            vec![(session.id.clone(), Some(session.clone()))],
-            vec![entry],
-        )
-        .await?;
-        self.wake.notify_one();
-        Ok(Choice::Ready(desktop(session, &m, false, false)))
+        ));
+        recs.members.push((m.name.clone(), Some(m.clone())));
+        recs.sessions
+            .push((session.id.clone(), Some(session.clone())));
+        let d = desktop(session.clone(), m, false, false);
+        snap.sessions.push(session);
+        Choice::Ready(d)
     }
 
     async fn start_for(&self, m: &Member, create: bool) -> Result<Option<String>> {

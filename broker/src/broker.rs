@@ -45,6 +45,8 @@ pub struct Broker {
     pub(crate) pending: Mutex<HashSet<String>>,
     /// Wakes the rule engine early.
     pub(crate) wake: tokio::sync::Notify,
+    /// Requests for desktops waiting for the lock.
+    pub(crate) asks: crate::alloc::Asks,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -62,6 +64,7 @@ impl Broker {
             status: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
+            asks: Default::default(),
         })
     }
 

@@ -109,6 +109,25 @@ impl Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The same error for another waiter (causes that cannot be copied
+    /// are kept as text).
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidInput(m) => Error::InvalidInput(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::Forbidden(m) => Error::Forbidden(m.clone()),
+            Error::Exists(m) => Error::Exists(m.clone()),
+            Error::PoolFull { pool, max } => Error::PoolFull {
+                pool: pool.clone(),
+                max: *max,
+            },
+            e => Error::Io {
+                what: e.to_string(),
+                source: std::io::Error::other("(the same failure, for another request)"),
+            },
+        }
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             what: what.into(),

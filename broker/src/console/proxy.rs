@@ -31,8 +31,8 @@ const MAX_TICKETS: usize = 10_000;
 /// Largest WebSocket message the browser may send (VNC client messages
 /// are small; a clipboard paste is the largest).
 pub const MAX_MESSAGE: usize = 1 << 20;
-/// Read size toward the browser.
-const CHUNK: usize = 64 * 1024;
+/// Most bytes read toward the browser at once (one WebSocket message).
+const CHUNK: usize = 256 * 1024;
 /// How often an open screen marks its session as in use.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
@@ -265,15 +265,17 @@ pub(crate) async fn serve(broker: Arc<Broker>, ws: WebSocket, t: Ticket) {
         Ok::<u64, std::io::Error>(n)
     };
     let down = async {
-        let mut buf = vec![0u8; CHUNK];
+        // Each message is what one read got, handed over without a copy.
+        let mut buf = bytes::BytesMut::with_capacity(CHUNK);
         let mut n = 0u64;
         loop {
-            let got = vnc_rd.read(&mut buf).await?;
+            buf.reserve(CHUNK);
+            let got = vnc_rd.read_buf(&mut buf).await?;
             if got == 0 {
                 break;
             }
             n += got as u64;
-            tx.send(Message::Binary(buf[..got].to_vec().into()))
+            tx.send(Message::Binary(buf.split().freeze()))
                 .await
                 .map_err(std::io::Error::other)?;
         }

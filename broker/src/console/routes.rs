@@ -197,6 +197,24 @@ async fn posted(
     Ok(me)
 }
 
+/// A state-changing form of an admin.
+async fn posted_admin(
+    st: &ConsoleState,
+    headers: &HeaderMap,
+    uri: &Uri,
+    form: &HashMap<String, String>,
+) -> std::result::Result<Me, Response> {
+    let me = posted(st, headers, uri, form).await?;
+    if me.caller.admin {
+        Ok(me)
+    } else {
+        Err(forbidden(
+            &format!("{} is not an admin", me.caller.user),
+            Some(&me),
+        ))
+    }
+}
+
 async fn admin_me(st: &ConsoleState, headers: &HeaderMap) -> std::result::Result<Me, Response> {
     match who(st, headers).await {
         None => Err(Redirect::to("/console/login").into_response()),
@@ -655,9 +673,8 @@ async fn rules_save(
     Path(pool): Path<String>,
     Form(f): FormMap,
 ) -> Response {
-    let me = match posted(&st, &headers, &uri, &f).await {
-        Ok(me) if me.caller.admin => me,
-        Ok(me) => return forbidden(&format!("{} is not an admin", me.caller.user), Some(&me)),
+    let me = match posted_admin(&st, &headers, &uri, &f).await {
+        Ok(me) => me,
         Err(r) => return r,
     };
     let text = f.get("toml").cloned().unwrap_or_default();
@@ -698,9 +715,8 @@ async fn subscription(
     Path((pool, change)): Path<(String, String)>,
     Form(f): FormMap,
 ) -> Response {
-    let me = match posted(&st, &headers, &uri, &f).await {
-        Ok(me) if me.caller.admin => me,
-        Ok(me) => return forbidden(&format!("{} is not an admin", me.caller.user), Some(&me)),
+    let me = match posted_admin(&st, &headers, &uri, &f).await {
+        Ok(me) => me,
         Err(r) => return r,
     };
     let who = f
@@ -748,9 +764,8 @@ async fn devices(
     uri: Uri,
     Form(f): FormMap,
 ) -> Response {
-    let me = match posted(&st, &headers, &uri, &f).await {
-        Ok(me) if me.caller.admin => me,
-        Ok(me) => return forbidden(&format!("{} is not an admin", me.caller.user), Some(&me)),
+    let me = match posted_admin(&st, &headers, &uri, &f).await {
+        Ok(me) => me,
         Err(r) => return r,
     };
     let text = f.get("toml").cloned().unwrap_or_default();

@@ -5,7 +5,7 @@
 //! once): the figure is the broker's, not QEMU's.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,17 +43,27 @@ pub struct Report {
     pub wall_ms: f64,
     /// The first error, if any.
     pub first_error: Option<String>,
+    /// The screen proxy beside websockify.
+    pub screens: Option<super::screens::Screens>,
 }
 
 type Vms = Arc<Mutex<Vec<VmReport>>>;
+
+/// The stand-in agent's state: its VMs and the display they all show.
+#[derive(Clone)]
+struct StandIn {
+    vms: Vms,
+    display: PathBuf,
+}
 
 fn vms_lock(v: &Vms) -> std::sync::MutexGuard<'_, Vec<VmReport>> {
     v.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The stand-in agent: every VM it is asked for runs at once.
-fn stand_in(vms: Vms) -> Router {
-    async fn host(State(v): State<Vms>) -> Json<HostReport> {
+fn stand_in(vms: Vms, display: PathBuf) -> Router {
+    async fn host(State(s): State<StandIn>) -> Json<HostReport> {
+        let v = s.vms;
         Json(HostReport {
             cpus: 2,
             load1: 0.0,
@@ -62,10 +72,14 @@ fn stand_in(vms: Vms) -> Router {
             mem_capacity: 1 << 40,
             mem_committed: 0,
             mem_free: 1 << 40,
-            vms: vms_lock(&v).clone(),
+            vms: {
+                let list = vms_lock(&v).clone();
+                list
+            },
         })
     }
-    async fn create(State(v): State<Vms>, Json(r): Json<CreateVm>) -> Json<VmReport> {
+    async fn create(State(s): State<StandIn>, Json(r): Json<CreateVm>) -> Json<VmReport> {
+        let v = s.vms;
         let vm = VmReport {
             name: r.name,
             state: "running".into(),
@@ -81,9 +95,10 @@ fn stand_in(vms: Vms) -> Router {
         Json(serde_json::json!({"vm": name, "done": what}))
     }
     async fn destroy(
-        State(v): State<Vms>,
+        State(s): State<StandIn>,
         UrlPath(name): UrlPath<String>,
     ) -> Json<serde_json::Value> {
+        let v = s.vms;
         vms_lock(&v).retain(|x| x.name != name);
         Json(serde_json::json!({"vm": name, "done": "destroy"}))
     }
@@ -92,7 +107,38 @@ fn stand_in(vms: Vms) -> Router {
         .route("/agent/v1/vms", post(create))
         .route("/agent/v1/vms/{name}/{action}", post(action))
         .route("/agent/v1/vms/{name}", delete(destroy))
-        .with_state(vms)
+        .route("/agent/v1/vms/{name}/vnc", get(vnc))
+        .with_state(StandIn { vms, display })
+}
+
+/// Every VM's display is the stand-in display, raw over an upgrade as the
+/// real agent does.
+async fn vnc(
+    State(s): State<StandIn>,
+    mut req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Ok(display) = tokio::net::UnixStream::connect(&s.display).await else {
+        return axum::http::StatusCode::BAD_GATEWAY.into_response();
+    };
+    let up = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(u) = up.await {
+            let mut u = hyper_util::rt::TokioIo::new(u);
+            let mut d = display;
+            let _ = tokio::io::copy_bidirectional(&mut u, &mut d).await;
+        }
+    });
+    let mut r = axum::http::StatusCode::SWITCHING_PROTOCOLS.into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("upgrade"),
+    );
+    r.headers_mut().insert(
+        axum::http::header::UPGRADE,
+        axum::http::HeaderValue::from_static(lamina_broker::agent::VNC_UPGRADE),
+    );
+    r
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -115,8 +161,11 @@ pub fn run(exe: &Path, work: &Path, users: usize, note: &dyn Fn(&str)) -> anyhow
     let vms: Vms = Arc::default();
     let agent = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let agent_url = format!("http://{}", agent.local_addr()?);
+    let display = work.join("display.sock");
+    super::screens::display(&rt, &display)?;
+    let d = display.clone();
     rt.spawn(async move {
-        let _ = axum::serve(agent, stand_in(vms)).await;
+        let _ = axum::serve(agent, stand_in(vms, d)).await;
     });
 
     let (ca, cert, key) = make_certs(&work.join("certs"))?;
@@ -231,6 +280,15 @@ pub fn run(exe: &Path, work: &Path, users: usize, note: &dyn Fn(&str)) -> anyhow
         out
     });
     let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let screens = match screens_of(
+        &rt, &http, &url, &server, &tokens, &ca, &cert, &key, &display, note,
+    ) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            note(&format!("screens not measured: {e:#}"));
+            None
+        }
+    };
     drop(server);
     let mut ms: Vec<f64> = results.iter().map(|r| r.0).collect();
     ms.sort_by(f64::total_cmp);
@@ -246,7 +304,47 @@ pub fn run(exe: &Path, work: &Path, users: usize, note: &dyn Fn(&str)) -> anyhow
         max_ms: ms.last().copied().unwrap_or(0.0),
         wall_ms,
         first_error: results.iter().find_map(|r| r.1.as_ref().err().cloned()),
+        screens,
     })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn screens_of(
+    rt: &tokio::runtime::Runtime,
+    http: &reqwest::Client,
+    url: &str,
+    server: &Proc,
+    tokens: &[String],
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    display: &Path,
+    note: &dyn Fn(&str),
+) -> anyhow::Result<super::screens::Screens> {
+    let token = tokens.first().context("no users")?;
+    let sessions: serde_json::Value = rt
+        .block_on(async {
+            http.get(format!("{url}/api/v1/sessions"))
+                .bearer_auth(token)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await
+        })
+        .map(|b| serde_json::from_slice(&b).unwrap_or_default())?;
+    let session = sessions[0]["id"].as_str().context("the user's session")?;
+    let t = super::screens::Target {
+        url,
+        pid: server.0.id(),
+        token,
+        session,
+        ca,
+        cert,
+        key,
+        display,
+    };
+    super::screens::run(rt, http, &t, note)
 }
 
 /// The report as a table.
@@ -259,6 +357,9 @@ pub fn render(r: &Report) -> String {
     );
     if let Some(e) = &r.first_error {
         s += &format!("first error: {e}\n");
+    }
+    if let Some(sc) = &r.screens {
+        s += &super::screens::render(sc);
     }
     s
 }

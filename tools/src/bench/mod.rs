@@ -17,6 +17,7 @@ mod broker;
 mod data;
 mod fs;
 mod nbd;
+mod screens;
 mod sync;
 mod vm;
 
