@@ -76,7 +76,7 @@ $lamina "${laptop[@]}" sync origin
 $lamina "${laptop[@]}" sync origin
 $lamina layer export os/demo "$work/merged-server"
 $lamina "${laptop[@]}" layer export os/demo "$work/merged-laptop"
-diff -r "$work/merged-server" "$work/merged-laptop"
+diff -r --no-dereference "$work/merged-server" "$work/merged-laptop"
 test -f "$work/merged-server/FROM-LAPTOP" && test -f "$work/merged-server/FROM-ADMIN" \
   && echo "server and laptop both hold both changes"
 $lamina layer log os/demo
@@ -182,7 +182,13 @@ for _ in $(seq 240); do
   sleep 0.5
 done
 echo "screen state: $(js 'return document.body.dataset.state||0') ($(js 'return document.getElementById(\"status\").textContent'))"
-sleep 3
+# Until the guest has drawn its colour bars (it may still be booting).
+colours="const cv=document.querySelector('#screen canvas');if(!cv)return 0;const d=cv.getContext('2d').getImageData(0,0,cv.width,cv.height).data;const s=new Set();for(let i=0;i<d.length;i+=4*61)s.add((d[i]<<16)|(d[i+1]<<8)|d[i+2]);return s.size"
+for _ in $(seq 240); do
+  [ "$(js "$colours")" -ge 6 ] 2>/dev/null && break
+  sleep 0.5
+done
+echo "colours on the guest's screen: $(js "$colours")"
 shot=${LAMINA_DEMO_SHOT:-/tmp/lamina-console.png}
 wdc GET /screenshot | python3 -c 'import json,sys,base64;open(sys.argv[1],"wb").write(base64.b64decode(json.load(sys.stdin)["value"]))' "$shot"
 wdc DELETE "" >/dev/null

@@ -130,7 +130,9 @@ pub(crate) fn plan(
             continue;
         };
         match report.vms.iter().find(|v| v.name == m.name) {
-            Some(v) if v.state == "running" => {
+            // `unknown`: QEMU is alive but its monitor did not answer in
+            // time (a busy host): alive, not crashed.
+            Some(v) if v.state == "running" || v.state == "unknown" => {
                 if m.state == MemberState::Stopped || m.state == MemberState::Starting {
                     // Started by hand, or a start the broker did not see end.
                     tracing::info!(vm = %m.name, "running again");
@@ -737,6 +739,32 @@ mod tests {
         assert!(second.steps.is_empty(), "{:?}", acts(&second));
         let freed = second.members.iter().find_map(|(_, m)| m.clone()).unwrap();
         assert_eq!((freed.owner, freed.session), (None, None));
+    }
+
+    #[test]
+    fn a_vm_whose_monitor_is_slow_keeps_its_session() {
+        let p = pool(0, 1, false);
+        let hosts = HashMap::from([("a".to_owned(), host(4096, 3.0, &[("p-1", "unknown")]))]);
+        let mut m = member("p-1", "a", MemberState::Running, 1);
+        m.owner = Some("alice".into());
+        m.session = Some("s1".into());
+        let s = Session {
+            id: "s1".into(),
+            user: "alice".into(),
+            pool: "p".into(),
+            vm: "p-1".into(),
+            host: "a".into(),
+            started_ns: 0,
+            last_seen_ns: 0,
+        };
+        let out = plan(&p, limits(&p), vec![m], vec![s], &hosts, &HashSet::new(), 5);
+        assert!(
+            out.sessions.is_empty(),
+            "the session stays: {:?}",
+            out.sessions
+        );
+        assert!(out.steps.is_empty(), "{:?}", acts(&out));
+        assert!(!out.audit.iter().any(|e| e.action == "crashed"));
     }
 
     #[test]

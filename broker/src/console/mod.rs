@@ -24,6 +24,7 @@
 //! itself; responses carry a strict Content-Security-Policy (scripts and
 //! styles by nonce only) and `X-Frame-Options: DENY`.
 
+mod admin;
 mod device;
 mod login;
 mod pages;

@@ -10,21 +10,19 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use lamina_sync::api::{Authed, Peer};
-use lamina_sync::{Caller, Principal};
+use lamina_sync::Caller;
 
 use super::login::{self, Login};
 use super::pages::{self, Frame};
 use super::proxy::{self, MAX_MESSAGE, TICKET_TTL};
-use super::{device, ConsoleState};
-use crate::api::{admin_change, view};
-use crate::audit::{self, AuditEntry};
-use crate::desktop;
+use super::{admin, device, ConsoleState};
+use crate::api::view;
+use crate::audit::AuditEntry;
 use crate::error::{Error, Result};
 use crate::model::{self, BrokerCatalog};
 use crate::password;
-use crate::rules::Rules;
 
-type FormMap = Form<HashMap<String, String>>;
+pub(super) type FormMap = Form<HashMap<String, String>>;
 
 /// Every route of the console.
 pub fn router(state: ConsoleState) -> Router {
@@ -38,24 +36,27 @@ pub fn router(state: ConsoleState) -> Router {
         .route("/console/screen/{id}", get(screen))
         .route("/console/ws", get(ws))
         .route("/console/novnc/{*path}", get(novnc))
-        .route("/console/admin", get(admin))
-        .route("/console/admin/audit", get(audit_page))
+        .route("/console/admin", get(admin::page))
+        .route("/console/admin/audit", get(admin::audit_page))
         .route(
             "/console/admin/pools/{pool}/rules",
-            get(rules_form).post(rules_save),
+            get(admin::rules_form).post(admin::rules_save),
         )
-        .route("/console/admin/pools/{pool}/{change}", post(subscription))
-        .route("/console/admin/devices", post(devices))
+        .route(
+            "/console/admin/pools/{pool}/{change}",
+            post(admin::subscription),
+        )
+        .route("/console/admin/devices", post(admin::devices))
         .route("/api/v1/sessions/{id}/ticket", post(api_ticket))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }
 
 /// A logged-in browser.
-struct Me {
-    login: Login,
-    secret: String,
-    caller: Caller,
+pub(super) struct Me {
+    pub(super) login: Login,
+    pub(super) secret: String,
+    pub(super) caller: Caller,
 }
 
 fn nonce() -> String {
@@ -63,7 +64,7 @@ fn nonce() -> String {
 }
 
 /// An HTML response with the console's security headers.
-fn html(
+pub(super) fn html(
     status: StatusCode,
     title: &str,
     me: Option<&Me>,
@@ -105,13 +106,13 @@ fn html(
 }
 
 /// An error as a page.
-fn fail(e: &Error, me: Option<&Me>) -> Response {
+pub(super) fn fail(e: &Error, me: Option<&Me>) -> Response {
     let (status, _) = e.status();
     let message = e.to_string();
     html(status, "Error", me, "", |_| pages::error(&message))
 }
 
-fn forbidden(why: &str, me: Option<&Me>) -> Response {
+pub(super) fn forbidden(why: &str, me: Option<&Me>) -> Response {
     fail(&Error::Forbidden(why.into()), me)
 }
 
@@ -170,7 +171,7 @@ fn same_origin(st: &ConsoleState, headers: &HeaderMap, uri: &Uri) -> bool {
 }
 
 /// A state-changing form: logged in, same origin, the login's CSRF token.
-async fn posted(
+pub(super) async fn posted(
     st: &ConsoleState,
     headers: &HeaderMap,
     uri: &Uri,
@@ -198,7 +199,7 @@ async fn posted(
 }
 
 /// A state-changing form of an admin.
-async fn posted_admin(
+pub(super) async fn posted_admin(
     st: &ConsoleState,
     headers: &HeaderMap,
     uri: &Uri,
@@ -215,7 +216,10 @@ async fn posted_admin(
     }
 }
 
-async fn admin_me(st: &ConsoleState, headers: &HeaderMap) -> std::result::Result<Me, Response> {
+pub(super) async fn admin_me(
+    st: &ConsoleState,
+    headers: &HeaderMap,
+) -> std::result::Result<Me, Response> {
     match who(st, headers).await {
         None => Err(Redirect::to("/console/login").into_response()),
         Some(me) if !me.caller.admin => Err(forbidden(
@@ -546,248 +550,6 @@ async fn novnc(State(st): State<ConsoleState>, Path(path): Path<String>) -> Resp
                 .into_response()
         }
         Err(e) => Error::io(format!("cannot read {}", file.display()), e).into_response(),
-    }
-}
-
-async fn admin(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let me = match admin_me(&st, &headers).await {
-        Ok(me) => me,
-        Err(r) => return r,
-    };
-    let read =
-        st.b.broker
-            .read(|s| {
-                let members = s.members()?;
-                let pools: Vec<_> = s
-                    .pools()?
-                    .into_iter()
-                    .map(|p| view(p, &members, true))
-                    .collect();
-                let mut users = Vec::new();
-                for u in s.users()? {
-                    let pw = s.record("console-password", &u.name)?.is_some();
-                    users.push((u.name, u.admin, u.groups, pw));
-                }
-                Ok((
-                    s.hosts()?,
-                    pools,
-                    s.sessions()?,
-                    users,
-                    s.subscriptions(None)?,
-                    desktop::list(s)?,
-                    device::load(s)?.to_toml(),
-                ))
-            })
-            .await;
-    let (hosts, mut pools, sessions, users, subs, desktops, devices) = match read {
-        Ok(x) => x,
-        Err(e) => return fail(&e, Some(&me)),
-    };
-    let mut status = st.b.broker.host_status();
-    // The VMs' figures as their hosts last reported them (the catalog
-    // keeps states, not figures).
-    let figures: HashMap<String, (Option<f64>, Option<u64>)> = status
-        .values()
-        .filter_map(|s| match s {
-            crate::HostStatus::Up { report } => Some(report),
-            crate::HostStatus::Down { .. } => None,
-        })
-        .flat_map(|r| {
-            r.vms
-                .iter()
-                .map(|v| (v.name.clone(), (v.cpu_percent, v.rss_bytes)))
-        })
-        .collect();
-    for m in pools.iter_mut().flat_map(|p| p.vms.iter_mut().flatten()) {
-        if let Some((cpu, rss)) = figures.get(&m.name) {
-            m.cpu_percent = m.cpu_percent.or(*cpu);
-            m.rss_bytes = m.rss_bytes.or(*rss);
-        }
-    }
-    let hosts = hosts
-        .into_iter()
-        .map(|h| {
-            let line = match status.remove(&h.name) {
-                Some(crate::HostStatus::Up { report }) => format!(
-                    "up · load {:.2} · {} MiB free of {} MiB · {} VMs",
-                    report.load1,
-                    report.mem_free / (1024 * 1024),
-                    report.mem_total / (1024 * 1024),
-                    report.vms.len()
-                ),
-                Some(crate::HostStatus::Down { reason }) => format!("down: {reason}"),
-                None => "not polled yet".into(),
-            };
-            (h.name, h.url, line)
-        })
-        .collect();
-    let v = pages::AdminView {
-        hosts,
-        pools: &pools,
-        sessions: &sessions,
-        users,
-        subs: &subs,
-        desktops: &desktops,
-        devices,
-    };
-    html(StatusCode::OK, "Admin", Some(&me), "", |_| {
-        pages::admin(&v, &me.login.csrf)
-    })
-}
-
-async fn audit_page(State(st): State<ConsoleState>, headers: HeaderMap) -> Response {
-    let me = match admin_me(&st, &headers).await {
-        Ok(me) => me,
-        Err(r) => return r,
-    };
-    match st.b.broker.read(|s| audit::list(s, None)).await {
-        Ok(entries) => html(StatusCode::OK, "Audit", Some(&me), "", |_| {
-            pages::audit(&entries)
-        }),
-        Err(e) => fail(&e, Some(&me)),
-    }
-}
-
-async fn rules_form(
-    State(st): State<ConsoleState>,
-    headers: HeaderMap,
-    Path(pool): Path<String>,
-) -> Response {
-    let me = match admin_me(&st, &headers).await {
-        Ok(me) => me,
-        Err(r) => return r,
-    };
-    let p = pool.clone();
-    match st.b.broker.read(move |s| s.pool(&p)).await {
-        Ok(p) => html(StatusCode::OK, "Rules", Some(&me), "", |_| {
-            pages::rules(&pool, &p.rules.to_toml(), &me.login.csrf, None)
-        }),
-        Err(e) => fail(&e, Some(&me)),
-    }
-}
-
-async fn rules_save(
-    State(st): State<ConsoleState>,
-    headers: HeaderMap,
-    uri: Uri,
-    Path(pool): Path<String>,
-    Form(f): FormMap,
-) -> Response {
-    let me = match posted_admin(&st, &headers, &uri, &f).await {
-        Ok(me) => me,
-        Err(r) => return r,
-    };
-    let text = f.get("toml").cloned().unwrap_or_default();
-    let parsed = Rules::from_toml(&text);
-    let p = pool.clone();
-    let saved = match parsed {
-        Ok(rules) => {
-            admin_change(
-                &st.b,
-                me.caller.clone(),
-                "pool-rules",
-                pool.clone(),
-                move |s| {
-                    let p = s.set_rules(&p, rules)?;
-                    let detail = p.rules.to_toml().trim_end().replace('\n', "; ");
-                    Ok(((), detail))
-                },
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    };
-    match saved {
-        Ok(()) => Redirect::to(&format!("/console/admin/pools/{pool}/rules")).into_response(),
-        Err(e) => {
-            let msg = e.to_string();
-            html(e.status().0, "Rules", Some(&me), "", |_| {
-                pages::rules(&pool, &text, &me.login.csrf, Some(&msg))
-            })
-        }
-    }
-}
-
-async fn subscription(
-    State(st): State<ConsoleState>,
-    headers: HeaderMap,
-    uri: Uri,
-    Path((pool, change)): Path<(String, String)>,
-    Form(f): FormMap,
-) -> Response {
-    let me = match posted_admin(&st, &headers, &uri, &f).await {
-        Ok(me) => me,
-        Err(r) => return r,
-    };
-    let who = f
-        .get("principal")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    let principal: Principal = match who.parse() {
-        Ok(p) => p,
-        Err(e) => return fail(&Error::from(e), Some(&me)),
-    };
-    let subscribe = match change.as_str() {
-        "subscribe" => true,
-        "unsubscribe" => false,
-        other => {
-            return fail(
-                &Error::NotFound(format!("no pool change {other:?}")),
-                Some(&me),
-            )
-        }
-    };
-    let (p, target) = (pool.clone(), format!("{pool} {who}"));
-    let action = if subscribe {
-        "subscribe"
-    } else {
-        "unsubscribe"
-    };
-    let r = admin_change(&st.b, me.caller.clone(), action, target, move |s| {
-        if subscribe {
-            s.subscribe(&p, &principal)?;
-        } else {
-            s.unsubscribe(&p, &principal)?;
-        }
-        Ok(((), String::new()))
-    })
-    .await;
-    match r {
-        Ok(()) => Redirect::to("/console/admin").into_response(),
-        Err(e) => fail(&e, Some(&me)),
-    }
-}
-
-async fn devices(
-    State(st): State<ConsoleState>,
-    headers: HeaderMap,
-    uri: Uri,
-    Form(f): FormMap,
-) -> Response {
-    let me = match posted_admin(&st, &headers, &uri, &f).await {
-        Ok(me) => me,
-        Err(r) => return r,
-    };
-    let text = f.get("toml").cloned().unwrap_or_default();
-    let r = match device::DeviceTable::parse(&text) {
-        Ok(t) => {
-            admin_change(
-                &st.b,
-                me.caller.clone(),
-                "devices",
-                "device table".into(),
-                move |s| {
-                    device::save(s, &t)?;
-                    Ok(((), format!("{} rows", t.device.len())))
-                },
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    };
-    match r {
-        Ok(()) => Redirect::to("/console/admin").into_response(),
-        Err(e) => fail(&e, Some(&me)),
     }
 }
 
