@@ -19,7 +19,7 @@
 //! | `GET /api/v1/audit?since_ns=N` | admin | the audit log |
 //! | `GET`, `POST /api/v1/desktops`, `DELETE /api/v1/desktops/{name}` | admin | external desktops (`{"name", "vnc": "HOST:PORT", "password"?, "pool"}`) |
 //! | `GET /api/v1/devices` | anyone | the device table; `PUT` `{"toml": …}` admin |
-//! | `PUT /api/v1/users/{name}/password` | the user, admin | `{"password": …}`: the console password |
+//! | `PUT /api/v1/users/{name}/password` | the user, admin | `{"password": …}`: the console password (see `console`) |
 //! | `POST /api/v1/sessions/{id}/ticket` | its user | a screen ticket (see `console`) |
 
 use std::sync::Arc;
@@ -78,10 +78,6 @@ pub fn router(state: BrokerState) -> Router {
         .route("/api/v1/desktops", get(desktops).post(add_desktop))
         .route("/api/v1/desktops/{name}", delete(remove_desktop))
         .route("/api/v1/devices", get(devices).put(set_devices))
-        .route(
-            "/api/v1/users/{name}/password",
-            axum::routing::put(set_password),
-        )
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -549,41 +545,4 @@ async fn set_devices(
     })
     .await?;
     Ok(Json(out))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PasswordBody {
-    password: String,
-}
-
-async fn set_password(
-    Authed(c): Authed,
-    State(s): State<BrokerState>,
-    Path(name): Path<String>,
-    Body(b): Body<PasswordBody>,
-) -> Result<Json<serde_json::Value>> {
-    if !c.admin && c.user != name {
-        return Err(Error::Forbidden(format!(
-            "{} may not set the password of {name}",
-            c.user
-        )));
-    }
-    let actor = c.user.clone();
-    let n = name.clone();
-    s.broker
-        .write(move |store| {
-            crate::password::set(store, &n, &b.password)?;
-            audit::record(
-                store,
-                &[AuditEntry::ok(
-                    &actor,
-                    "password",
-                    &n,
-                    "console password set",
-                )],
-            )
-        })
-        .await?;
-    Ok(Json(serde_json::json!({"user": name, "password": "set"})))
 }

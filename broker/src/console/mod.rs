@@ -19,6 +19,7 @@
 //! | `POST /console/admin/pools/{pool}/subscribe` · `unsubscribe` | admin | subscriptions |
 //! | `POST /console/admin/devices` | admin | the device table |
 //! | `POST /api/v1/sessions/{id}/ticket` | its user (bearer) | a screen ticket |
+//! | `PUT /api/v1/users/{name}/password` | the user, admin (bearer) | the console password; ends the user's logins |
 //!
 //! Every POST needs the login's CSRF token and an `Origin` of the console
 //! itself; responses carry a strict Content-Security-Policy (scripts and

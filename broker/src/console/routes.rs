@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
-use lamina_sync::api::{Authed, Peer};
+use lamina_sync::api::{Authed, Body, Peer};
 use lamina_sync::Caller;
 
 use super::login::{self, Login};
@@ -17,7 +17,7 @@ use super::pages::{self, Frame};
 use super::proxy::{self, MAX_MESSAGE, TICKET_TTL};
 use super::{admin, device, ConsoleState};
 use crate::api::view;
-use crate::audit::AuditEntry;
+use crate::audit::{self, AuditEntry};
 use crate::error::{Error, Result};
 use crate::model::{self, BrokerCatalog};
 use crate::password;
@@ -48,6 +48,10 @@ pub fn router(state: ConsoleState) -> Router {
         )
         .route("/console/admin/devices", post(admin::devices))
         .route("/api/v1/sessions/{id}/ticket", post(api_ticket))
+        .route(
+            "/api/v1/users/{name}/password",
+            axum::routing::put(set_password),
+        )
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }
@@ -576,4 +580,43 @@ async fn api_ticket(
         session: s.id,
         vm: s.vm,
     }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    password: String,
+}
+
+async fn set_password(
+    Authed(c): Authed,
+    State(st): State<ConsoleState>,
+    Path(name): Path<String>,
+    Body(b): Body<PasswordBody>,
+) -> Result<Json<serde_json::Value>> {
+    if !c.admin && c.user != name {
+        return Err(Error::Forbidden(format!(
+            "{} may not set the password of {name}",
+            c.user
+        )));
+    }
+    let actor = c.user.clone();
+    let n = name.clone();
+    st.b.broker
+        .write(move |store| {
+            crate::password::set(store, &n, &b.password)?;
+            audit::record(
+                store,
+                &[AuditEntry::ok(
+                    &actor,
+                    "password",
+                    &n,
+                    "console password set",
+                )],
+            )
+        })
+        .await?;
+    // A new password ends the user's console logins.
+    st.logins.end_user(&name);
+    Ok(Json(serde_json::json!({"user": name, "password": "set"})))
 }
