@@ -490,9 +490,16 @@ fn users_reach_their_desktops_in_a_real_browser() {
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console"),
     ];
 
-    // Pools: PCs (a pool of 2, one VM per host) and phones; an external
-    // desktop in a pool of its own.
-    for (pool, template, min) in [("pcs", "fixture", "2"), ("phones", "fixture-phone", "1")] {
+    // Pools: PCs (2, one VM per host), phones, an external desktop's, a
+    // pool with no idle VM (a connect starts one: a cold start, timed beside
+    // the idle pool's) and the recording RFB server's.
+    for (pool, template, min, max) in [
+        ("pcs", "fixture", "2", "2"),
+        ("phones", "fixture-phone", "1", "1"),
+        ("vdi", "fixture", "0", "1"),
+        ("cold", "fixture", "0", "1"),
+        ("toy", "fixture", "0", "1"),
+    ] {
         env.ok(&[
             "pool",
             "create",
@@ -504,37 +511,9 @@ fn users_reach_their_desktops_in_a_real_browser() {
             "--min-idle",
             min,
             "--max",
-            min,
+            max,
         ]);
     }
-    env.ok(&[
-        "pool",
-        "create",
-        "vdi",
-        "--template",
-        "fixture",
-        "--base",
-        "os/guest",
-        "--min-idle",
-        "0",
-        "--max",
-        "1",
-    ]);
-    // No idle VM: a connect starts one (a cold start, timed beside the
-    // idle pool's).
-    env.ok(&[
-        "pool",
-        "create",
-        "cold",
-        "--template",
-        "fixture",
-        "--base",
-        "os/guest",
-        "--min-idle",
-        "0",
-        "--max",
-        "1",
-    ]);
     let ext = External::start(g, &env.path(""));
     let pw = env.path("vnc.pw");
     std::fs::write(&pw, "vdi-pw1\n").unwrap();
@@ -550,19 +529,6 @@ fn users_reach_their_desktops_in_a_real_browser() {
         "vdi",
     ]);
     let fake = FakeVnc::start();
-    env.ok(&[
-        "pool",
-        "create",
-        "toy",
-        "--template",
-        "fixture",
-        "--base",
-        "os/guest",
-        "--min-idle",
-        "0",
-        "--max",
-        "1",
-    ]);
     env.ok(&[
         "desktop",
         "add",
