@@ -153,6 +153,17 @@ async fn log_in(c: &Client, base: &str, user: &str) {
     wait_js(c, "return location.pathname", 20, |v| v == "/console").await;
 }
 
+/// Presses Disconnect on the screen page; waits for the home page.
+async fn disconnect(c: &Client) {
+    c.find(Locator::Css("#disconnect"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_js(c, "return location.pathname", 20, |v| v == "/console").await;
+}
+
 /// What the page's noVNC canvas shows: `[width, height, distinct colours
 /// sampled, CSS width, CSS height]`, or null.
 const CANVAS: &str = "const cv=document.querySelector('#screen canvas');\
@@ -591,8 +602,7 @@ fn users_reach_their_desktops_in_a_real_browser() {
 
         // Disconnect ends the session; the audit log has login, connect and
         // disconnect.
-        pc.find(Locator::Css("#disconnect")).await.unwrap().click().await.unwrap();
-        wait_js(&pc, "return location.pathname", 20, |v| v == "/console").await;
+        disconnect(&pc).await;
 
         // Keyboard and pointer reach the desktop: a click and "lamina"
         // typed into the canvas arrive as RFB pointer and key events.
@@ -623,31 +633,18 @@ fn users_reach_their_desktops_in_a_real_browser() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        pc.find(Locator::Css("#disconnect"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        wait_js(&pc, "return location.pathname", 20, |v| v == "/console").await;
+        disconnect(&pc).await;
 
         // A cold start: the VM is created and booted for the connect.
         let v = connect(&pc, &base, "cold", &shots, "cold.png").await;
         assert_eq!((v[0], v[1]), (1280, 800));
-        pc.find(Locator::Css("#disconnect"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
-        wait_js(&pc, "return location.pathname", 20, |v| v == "/console").await;
+        disconnect(&pc).await;
 
         // The external desktop, through the same console: the broker
         // answered its VNC password challenge.
         let v = connect(&pc, &base, "vdi", &shots, "external.png").await;
         assert!(v[0] >= 640 && v[1] >= 400, "the desktop's own screen: {v:?}");
-        pc.find(Locator::Css("#disconnect")).await.unwrap().click().await.unwrap();
-        wait_js(&pc, "return location.pathname", 20, |v| v == "/console").await;
+        disconnect(&pc).await;
 
         // The admin console: hosts with load, pools with their VMs, audit.
         let admin = driver.browser(1280, 1000, None).await;

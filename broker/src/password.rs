@@ -52,6 +52,14 @@ pub fn clear(store: &Store, user: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// Whether `user` has a console password.
+///
+/// # Errors
+/// Catalog failures.
+pub fn has(store: &Store, user: &str) -> Result<bool> {
+    Ok(store.record(PASSWORD, user)?.is_some())
+}
+
 /// Whether `password` is `user`'s. A user without a password, or unknown,
 /// never matches; a hash is computed anyway, so that the answer takes as
 /// long either way.

@@ -36,7 +36,7 @@ pub(super) async fn page(State(st): State<ConsoleState>, headers: HeaderMap) -> 
                     .collect();
                 let mut users = Vec::new();
                 for u in s.users()? {
-                    let pw = s.record("console-password", &u.name)?.is_some();
+                    let pw = crate::password::has(s, &u.name)?;
                     users.push((u.name, u.admin, u.groups, pw));
                 }
                 Ok((
