@@ -52,7 +52,8 @@ fn pools_fill_across_hosts_hand_out_desktops_and_follow_their_rules() {
     for m in &vms {
         assert!(
             on_hosts.contains(m["name"].as_str().unwrap()),
-            "{m} runs on its host"
+            "{m} runs on its host\npool: {vms:#?}\naudit: {}",
+            s.central.env.ok(&["audit", "ls"])
         );
     }
     assert!(

@@ -28,11 +28,54 @@ pub enum HostStatus {
         /// What it said.
         report: HostReport,
     },
-    /// It did not.
+    /// Its last report failed, but it answered less than [`HOST_GRACE`]
+    /// ago: a busy host, not yet a dead one. Its VMs are left as they were
+    /// and it takes no new ones.
+    Late {
+        /// Why the last report failed.
+        reason: String,
+        /// Seconds since its last good report.
+        silent_secs: u64,
+    },
+    /// It did not answer for longer than [`HOST_GRACE`] (or never did).
     Down {
         /// Why.
         reason: String,
     },
+}
+
+/// How long a host that answered before may fail its reports before its
+/// VMs count as unknown (and the rule engine replaces them elsewhere). A
+/// host busy starting VMs under TCG can miss a 5 s report; it is not dead.
+pub const HOST_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long the end of a member's work is remembered (far longer than a
+/// tick's host poll).
+const SETTLED_KEPT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A host's status after a poll, from what it was (`prev`: the status
+/// and the time of its last good report) and what the poll got. A failed
+/// report within [`HOST_GRACE`] of a good one makes the host late, not
+/// down.
+fn settle(
+    prev: Option<&(HostStatus, Instant)>,
+    got: HostStatus,
+    now: Instant,
+) -> (HostStatus, Instant) {
+    let last_up = match prev {
+        Some((HostStatus::Up { .. } | HostStatus::Late { .. }, at)) => Some(*at),
+        _ => None,
+    };
+    match (got, last_up) {
+        (HostStatus::Down { reason }, Some(at)) if now.duration_since(at) < HOST_GRACE => (
+            HostStatus::Late {
+                reason,
+                silent_secs: now.duration_since(at).as_secs(),
+            },
+            at,
+        ),
+        (got, _) => (got, now),
+    }
 }
 
 /// The broker.
@@ -43,6 +86,9 @@ pub struct Broker {
     pub(crate) status: Mutex<HashMap<String, (HostStatus, Instant)>>,
     /// Members with work in flight on their host.
     pub(crate) pending: Mutex<HashSet<String>>,
+    /// When work on a member last ended: a host report taken before that
+    /// does not know the outcome yet.
+    settled: Mutex<HashMap<String, Instant>>,
     /// Wakes the rule engine early.
     pub(crate) wake: tokio::sync::Notify,
     /// Requests for desktops waiting for the lock.
@@ -63,6 +109,7 @@ impl Broker {
             clients: Mutex::new(HashMap::new()),
             status: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashSet::new()),
+            settled: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             asks: Default::default(),
         })
@@ -163,29 +210,31 @@ impl Broker {
             };
             (h.name.clone(), status)
         });
-        let got: HashMap<String, HostStatus> = futures_util::future::join_all(asks)
-            .await
-            .into_iter()
-            .collect();
+        let got: Vec<(String, HostStatus)> = futures_util::future::join_all(asks).await;
         let mut status = locked(&self.status);
-        status.retain(|name, _| got.contains_key(name));
-        for (name, s) in &got {
-            let changed = matches!(
-                (status.get(name).map(|x| &x.0), s),
-                (Some(HostStatus::Up { .. }), HostStatus::Down { .. })
-                    | (Some(HostStatus::Down { .. }) | None, HostStatus::Up { .. })
+        status.retain(|name, _| got.iter().any(|(n, _)| n == name));
+        let mut out = HashMap::new();
+        for (name, s) in got {
+            let prev = status.get(&name);
+            let was_up = matches!(
+                prev.map(|x| &x.0),
+                Some(HostStatus::Up { .. } | HostStatus::Late { .. })
             );
-            if changed {
-                match s {
-                    HostStatus::Up { .. } => tracing::info!(host = %name, "host is up"),
-                    HostStatus::Down { reason } => {
-                        tracing::warn!(host = %name, %reason, "host is down")
-                    }
+            let (s, at) = settle(prev, s, Instant::now());
+            match &s {
+                HostStatus::Up { .. } if !was_up => tracing::info!(host = %name, "host is up"),
+                HostStatus::Late { reason, .. } => {
+                    tracing::warn!(host = %name, %reason, "host is late with its report")
                 }
+                HostStatus::Down { reason } if was_up => {
+                    tracing::warn!(host = %name, %reason, "host is down")
+                }
+                _ => {}
             }
-            status.insert(name.clone(), (s.clone(), Instant::now()));
+            status.insert(name.clone(), (s.clone(), at));
+            out.insert(name, s);
         }
-        Ok(got)
+        Ok(out)
     }
 
     /// The hosts' last known status.
@@ -206,6 +255,106 @@ impl Broker {
             p.insert(member.to_owned());
         } else {
             p.remove(member);
+            let mut settled = locked(&self.settled);
+            settled.retain(|_, at| at.elapsed() < SETTLED_KEPT);
+            settled.insert(member.to_owned(), Instant::now());
         }
+    }
+
+    /// Members with work in flight.
+    pub(crate) fn pending_set(&self) -> HashSet<String> {
+        locked(&self.pending).clone()
+    }
+
+    /// Members whose work ended at or after `polled`: a host report taken
+    /// then does not know the outcome.
+    pub(crate) fn settled_since(&self, polled: Instant) -> HashSet<String> {
+        locked(&self.settled)
+            .iter()
+            .filter(|(_, at)| **at >= polled)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn up() -> HostStatus {
+        HostStatus::Up {
+            report: HostReport {
+                cpus: 2,
+                load1: 0.0,
+                mem_total: 1,
+                mem_available: 1,
+                mem_capacity: 1,
+                mem_committed: 0,
+                mem_free: 1,
+                vms: Vec::new(),
+            },
+        }
+    }
+
+    fn down() -> HostStatus {
+        HostStatus::Down {
+            reason: "timed out".into(),
+        }
+    }
+
+    #[test]
+    fn work_that_ends_after_a_poll_is_left_alone_by_that_tick() {
+        // A VM whose creation ends between a tick's host poll and its plan
+        // is missing from the poll's reports: the plan must not forget it.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("s");
+        Store::init(&root).unwrap();
+        let b = Broker::new(Gate::open(&root).unwrap());
+        b.set_pending("p-1", true);
+        let polled = Instant::now();
+        assert!(b.pending_set().contains("p-1"), "in flight");
+        b.set_pending("p-1", false);
+        assert!(!b.pending_set().contains("p-1"));
+        assert!(
+            b.settled_since(polled).contains("p-1"),
+            "ended after the poll"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+        let later = Instant::now();
+        assert!(
+            !b.settled_since(later).contains("p-1"),
+            "known to a later poll"
+        );
+    }
+
+    #[test]
+    fn a_host_that_misses_reports_is_late_then_down() {
+        let t0 = Instant::now();
+        let (s, at) = settle(None, down(), t0);
+        assert!(matches!(s, HostStatus::Down { .. }), "never answered: down");
+        assert_eq!(at, t0);
+
+        let good = settle(None, up(), t0);
+        assert!(matches!(good.0, HostStatus::Up { .. }));
+        let t1 = t0 + Duration::from_secs(7);
+        let late = settle(Some(&good), down(), t1);
+        match &late.0 {
+            HostStatus::Late { silent_secs, .. } => assert_eq!(*silent_secs, 7),
+            other => panic!("late expected, got {other:?}"),
+        }
+        assert_eq!(late.1, t0, "the time of the last good report stays");
+        let still = settle(Some(&late), down(), t0 + Duration::from_secs(15));
+        assert!(matches!(still.0, HostStatus::Late { .. }));
+        let gone = settle(Some(&still), down(), t0 + HOST_GRACE);
+        assert!(matches!(gone.0, HostStatus::Down { .. }), "{:?}", gone.0);
+        let after = settle(
+            Some(&gone),
+            down(),
+            t0 + HOST_GRACE + Duration::from_secs(1),
+        );
+        assert!(matches!(after.0, HostStatus::Down { .. }));
+        let back = settle(Some(&after), up(), t0 + HOST_GRACE * 2);
+        assert!(matches!(back.0, HostStatus::Up { .. }));
     }
 }

@@ -61,7 +61,7 @@ pub(super) async fn page(State(st): State<ConsoleState>, headers: HeaderMap) -> 
         .values()
         .filter_map(|s| match s {
             crate::HostStatus::Up { report } => Some(report),
-            crate::HostStatus::Down { .. } => None,
+            crate::HostStatus::Late { .. } | crate::HostStatus::Down { .. } => None,
         })
         .flat_map(|r| {
             r.vms
@@ -86,6 +86,10 @@ pub(super) async fn page(State(st): State<ConsoleState>, headers: HeaderMap) -> 
                     report.mem_total / (1024 * 1024),
                     report.vms.len()
                 ),
+                Some(crate::HostStatus::Late {
+                    reason,
+                    silent_secs,
+                }) => format!("late: no report for {silent_secs} s ({reason})"),
                 Some(crate::HostStatus::Down { reason }) => format!("down: {reason}"),
                 None => "not polled yet".into(),
             };

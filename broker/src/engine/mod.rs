@@ -76,17 +76,28 @@ impl Plan {
     }
 }
 
+/// Members the hosts' reports cannot speak for.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    /// Work on them is under way: left alone, and not free.
+    pub pending: HashSet<String>,
+    /// Their work ended after the reports were taken (a VM just created is
+    /// missing from them): left as recorded, and counted as such.
+    pub unreported: HashSet<String>,
+}
+
 /// Decides what pool `pool` needs now. `members` and `sessions` are the
-/// pool's; `pending` names members with work in flight (left alone).
+/// pool's; `busy` names members the hosts' reports cannot speak for.
 pub(crate) fn plan(
     pool: &Pool,
     limits: Limits,
     members: Vec<Member>,
     sessions: Vec<Session>,
     hosts: &HashMap<String, HostStatus>,
-    pending: &HashSet<String>,
+    busy: &InFlight,
     now: i64,
 ) -> Plan {
+    let pending = &busy.pending;
     let mut p = Plan::default();
     let mut live: Vec<Member> = Vec::new();
     let mut sessions: HashMap<String, Session> =
@@ -95,7 +106,7 @@ pub(crate) fn plan(
 
     // 1. What the hosts say.
     for mut m in members {
-        if pending.contains(&m.name) {
+        if pending.contains(&m.name) || busy.unreported.contains(&m.name) {
             live.push(m);
             continue;
         }
@@ -112,6 +123,11 @@ pub(crate) fn plan(
         }
         let report = match hosts.get(&m.host) {
             Some(HostStatus::Up { report }) => Some(report),
+            Some(HostStatus::Late { .. }) => {
+                // A busy host: nothing new known about its VMs.
+                live.push(m);
+                continue;
+            }
             _ => None,
         };
         let Some(report) = report else {
@@ -400,7 +416,7 @@ pub(crate) fn place(
                 let free = report.mem_free.saturating_sub(n * VM_ESTIMATE);
                 Some((name, free, report.load1))
             }
-            HostStatus::Down { .. } => None,
+            HostStatus::Late { .. } | HostStatus::Down { .. } => None,
         })
         .filter(|(_, free, _)| *free >= VM_ESTIMATE / 2)
         .max_by(|a, b| a.1.cmp(&b.1).then(b.2.total_cmp(&a.2)).then(b.0.cmp(a.0)))
@@ -414,6 +430,7 @@ impl Broker {
     /// # Errors
     /// Catalog failures.
     pub async fn tick(self: &Arc<Self>) -> Result<()> {
+        let polled = std::time::Instant::now();
         let hosts = self.poll_hosts().await?;
         let pools: Vec<Pool> = self.read(|s| model::all(s, POOL)).await?;
         let now = WeekTime::now();
@@ -432,9 +449,13 @@ impl Broker {
                     ))
                 })
                 .await?;
-            let pending = self.pending_set();
+            let busy = InFlight {
+                pending: self.pending_set(),
+                // Work that ended after the poll is not in its reports yet.
+                unreported: self.settled_since(polled),
+            };
             let limits = pool.rules.limits(now);
-            let plan = plan(&pool, limits, members, sessions, &hosts, &pending, now_ns());
+            let plan = plan(&pool, limits, members, sessions, &hosts, &busy, now_ns());
             for s in &plan.steps {
                 self.set_pending(&s.member.name, true);
             }
@@ -456,13 +477,6 @@ impl Broker {
             }
         }
         Ok(())
-    }
-
-    fn pending_set(&self) -> HashSet<String> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     /// Carries out one step on its host and records the outcome.

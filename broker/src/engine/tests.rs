@@ -102,7 +102,15 @@ fn an_empty_pool_is_filled_on_the_hosts_with_most_free_memory() {
         ("a".to_owned(), host(4096, 0.5, &[])),
         ("b".to_owned(), host(3500, 0.1, &[])),
     ]);
-    let plan = plan(&p, limits(&p), vec![], vec![], &hosts, &HashSet::new(), 1);
+    let plan = plan(
+        &p,
+        limits(&p),
+        vec![],
+        vec![],
+        &hosts,
+        &InFlight::default(),
+        1,
+    );
     // a (4096) → a (3584 > 3500) → b (3500 > 3072): spread by what this tick placed.
     let mut on: Vec<String> = plan
         .steps
@@ -136,7 +144,7 @@ fn external_desktops_count_as_idle_and_are_never_touched() {
         vec![ext.clone(), vm],
         vec![],
         &hosts,
-        &HashSet::new(),
+        &InFlight::default(),
         9,
     );
     assert_eq!(acts(&first), [("stop".to_owned(), "p-1".to_owned())]);
@@ -170,7 +178,7 @@ fn external_desktops_count_as_idle_and_are_never_touched() {
         vec![used],
         vec![s],
         &hosts,
-        &HashSet::new(),
+        &InFlight::default(),
         10_000_000_000,
     );
     assert!(second.steps.is_empty(), "{:?}", acts(&second));
@@ -194,7 +202,15 @@ fn a_vm_whose_monitor_is_slow_keeps_its_session() {
         started_ns: 0,
         last_seen_ns: 0,
     };
-    let out = plan(&p, limits(&p), vec![m], vec![s], &hosts, &HashSet::new(), 5);
+    let out = plan(
+        &p,
+        limits(&p),
+        vec![m],
+        vec![s],
+        &hosts,
+        &InFlight::default(),
+        5,
+    );
     assert!(
         out.sessions.is_empty(),
         "the session stays: {:?}",
@@ -202,6 +218,49 @@ fn a_vm_whose_monitor_is_slow_keeps_its_session() {
     );
     assert!(out.steps.is_empty(), "{:?}", acts(&out));
     assert!(!out.audit.iter().any(|e| e.action == "crashed"));
+}
+
+#[test]
+fn a_late_host_keeps_its_vms_and_takes_no_new_ones() {
+    // Two idle VMs, one on a host that missed its last report: nothing is
+    // replaced, and a VM the rules still want goes to the host that answered.
+    let p = pool(3, 4, true);
+    let hosts = HashMap::from([
+        (
+            "a".to_owned(),
+            HostStatus::Late {
+                reason: "timed out".into(),
+                silent_secs: 6,
+            },
+        ),
+        ("b".to_owned(), host(1024, 0.5, &[("p-b", "running")])),
+    ]);
+    let members = vec![
+        member("p-a", "a", MemberState::Running, 1),
+        member("p-b", "b", MemberState::Running, 2),
+    ];
+    let out = plan(
+        &p,
+        limits(&p),
+        members,
+        Vec::new(),
+        &hosts,
+        &InFlight::default(),
+        5,
+    );
+    assert!(
+        !out.audit.iter().any(|e| e.action == "unknown"),
+        "{:?}",
+        out.audit
+    );
+    let steps = acts(&out);
+    assert_eq!(steps.len(), 1, "one more for min_idle 3: {steps:?}");
+    assert!(
+        out.steps
+            .iter()
+            .all(|s| matches!(&s.act, Act::Create { host } if host == "b")),
+        "{steps:?}"
+    );
 }
 
 #[test]
@@ -260,7 +319,7 @@ fn never_above_max_and_only_free_vms_go_when_max_drops() {
         members,
         sessions,
         &hosts,
-        &HashSet::new(),
+        &InFlight::default(),
         2,
     );
     assert_eq!(
@@ -289,7 +348,7 @@ fn a_stopped_vm_is_started_before_a_new_one_is_made_and_extras_stop() {
         members.clone(),
         vec![],
         &hosts,
-        &HashSet::new(),
+        &InFlight::default(),
         3,
     );
     assert_eq!(acts(&plan1), [("start".to_owned(), "p-2".to_owned())]);
@@ -300,7 +359,7 @@ fn a_stopped_vm_is_started_before_a_new_one_is_made_and_extras_stop() {
         members,
         vec![],
         &hosts,
-        &HashSet::new(),
+        &InFlight::default(),
         3,
     );
     assert_eq!(acts(&plan2), [("stop".to_owned(), "p-1".to_owned())]);
@@ -321,7 +380,15 @@ fn a_crash_ends_the_session_and_replaces_the_vm() {
         last_seen_ns: 1,
     };
     let hosts = HashMap::from([("a".to_owned(), host(4096, 0.1, &[("p-1", "powered-off")]))]);
-    let plan = plan(&p, limits(&p), vec![m], vec![s], &hosts, &HashSet::new(), 2);
+    let plan = plan(
+        &p,
+        limits(&p),
+        vec![m],
+        vec![s],
+        &hosts,
+        &InFlight::default(),
+        2,
+    );
     assert_eq!(plan.sessions, vec![("s1".to_owned(), None)]);
     assert_eq!(
         acts(&plan),
@@ -349,7 +416,15 @@ fn an_unreachable_host_makes_its_vms_unknown_and_the_pool_refills_elsewhere() {
         ),
         ("b".to_owned(), host(4096, 0.1, &[])),
     ]);
-    let plan = plan(&p, limits(&p), members, vec![], &hosts, &HashSet::new(), 2);
+    let plan = plan(
+        &p,
+        limits(&p),
+        members,
+        vec![],
+        &hosts,
+        &InFlight::default(),
+        2,
+    );
     assert_eq!(
         plan.members[0].1.as_ref().unwrap().state,
         MemberState::Unknown
@@ -383,7 +458,7 @@ fn idle_sessions_are_reclaimed_by_the_pools_kind() {
             vec![m.clone()],
             vec![s.clone()],
             &hosts,
-            &HashSet::new(),
+            &InFlight::default(),
             ten_min - 1,
         );
         assert!(fresh.steps.is_empty(), "{stateless}: {:?}", fresh.steps);
@@ -393,7 +468,7 @@ fn idle_sessions_are_reclaimed_by_the_pools_kind() {
             vec![m],
             vec![s],
             &hosts,
-            &HashSet::new(),
+            &InFlight::default(),
             ten_min + 1,
         );
         let want = if stateless { "reset" } else { "stop" };
@@ -411,7 +486,10 @@ fn vms_being_created_count_as_idle() {
         member("p-2", "a", MemberState::Starting, 2),
     ];
     let hosts = HashMap::from([("a".to_owned(), host(4096, 0.1, &[("p-1", "running")]))]);
-    let busy = HashSet::from(["p-2".to_owned()]);
+    let busy = InFlight {
+        pending: HashSet::from(["p-2".to_owned()]),
+        ..InFlight::default()
+    };
     let plan = plan(&p, limits(&p), members, vec![], &hosts, &busy, 3);
     assert!(plan.steps.is_empty(), "{:?}", plan.steps);
 }
@@ -421,7 +499,33 @@ fn pending_vms_are_left_alone() {
     let p = pool(1, 1, true);
     let members = vec![member("p-1", "a", MemberState::Starting, 1)];
     let hosts = HashMap::from([("a".to_owned(), host(4096, 0.1, &[]))]);
-    let busy = HashSet::from(["p-1".to_owned()]);
+    let busy = InFlight {
+        pending: HashSet::from(["p-1".to_owned()]),
+        ..InFlight::default()
+    };
     let plan = plan(&p, limits(&p), members, vec![], &hosts, &busy, 2);
     assert!(plan.steps.is_empty() && plan.members.is_empty());
+}
+
+#[test]
+fn a_vm_created_after_the_poll_is_kept_and_counted() {
+    // p-2's creation ended after the hosts were polled: the report does not
+    // list it yet. It must be neither forgotten nor replaced.
+    let p = pool(2, 3, true);
+    let members = vec![
+        member("p-1", "a", MemberState::Running, 1),
+        member("p-2", "a", MemberState::Running, 2),
+    ];
+    let hosts = HashMap::from([("a".to_owned(), host(4096, 0.1, &[("p-1", "running")]))]);
+    let busy = InFlight {
+        unreported: HashSet::from(["p-2".to_owned()]),
+        ..InFlight::default()
+    };
+    let plan = plan(&p, limits(&p), members, vec![], &hosts, &busy, 3);
+    assert!(plan.steps.is_empty(), "{:?}", acts(&plan));
+    assert!(
+        !plan.members.iter().any(|(n, _)| n == "p-2"),
+        "{:?}",
+        plan.members
+    );
 }
