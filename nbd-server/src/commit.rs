@@ -80,6 +80,19 @@ fn target(store: &Store, rec: &DiskRecord, to: Option<&str>) -> Result<Target> {
             )))
         }
     };
+    if let Some(b) = &rec.base {
+        if b.is_streaming(store)? {
+            return Err(Error::InvalidInput(format!(
+                "disk `{}` streams its base {}@{} from remote {}: a commit needs the base in this store first (`lamina pull {} {}`)",
+                rec.name,
+                b.layer,
+                b.version.short(),
+                b.stream.as_deref().unwrap_or(""),
+                b.stream.as_deref().unwrap_or(""),
+                b.layer
+            )));
+        }
+    }
     let layer = store.layer(&name)?;
     if layer.format != LayerFormat::Disk {
         return Err(Error::InvalidInput(format!(
@@ -287,7 +300,8 @@ pub fn commit(
     let same = t
         .parent
         .is_some_and(|p| store.version(p).is_ok_and(|v| v.root == root));
-    let old_base = rec.base.as_ref().map(|b| b.version);
+    // What the disk's ref holds (nothing for a base that was streamed).
+    let old_base = store.ref_target(&disk_ref(name))?;
     let layer_name = t.layer.name.clone();
     // The disk moves onto the layer's new head, with an empty overlay.
     let rebase = |batch: &mut lamina_sync::Batch<'_>| -> Result<VersionId> {
@@ -296,6 +310,7 @@ pub fn commit(
         updated.base = Some(DiskBase {
             layer: layer_name.clone(),
             version: new_head,
+            stream: None,
         });
         batch.put_record(RECORD_KIND, name, &updated.encode())?;
         batch.delete_record(LIVE_KIND, name)?;

@@ -59,6 +59,20 @@ pub struct DiskBase {
     pub layer: String,
     /// Version.
     pub version: VersionId,
+    /// The remote the version streams from, when it was not pulled
+    /// (`disk create --stream`): its data is fetched as it is read.
+    pub stream: Option<String>,
+}
+
+impl DiskBase {
+    /// Whether the base streams from a remote (this store does not hold
+    /// the version).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub fn is_streaming(&self, store: &Store) -> Result<bool> {
+        Ok(self.stream.is_some() && !store.has_version(self.version)?)
+    }
 }
 
 /// Ref pinning a disk's base version.
@@ -98,18 +112,60 @@ impl DiskRecord {
     }
 
     fn decode(bytes: &[u8]) -> Result<DiskRecord> {
-        postcard::from_bytes(bytes).map_err(|e| {
-            Error::Store(lamina_sync::Error::RecordCorrupt {
-                what: "disk record".into(),
-                reason: e.to_string(),
-            })
-        })
+        match postcard::from_bytes(bytes) {
+            Ok(r) => Ok(r),
+            // Written before bases could stream: no `stream` field.
+            Err(e) => match postcard::from_bytes::<legacy::DiskRecord>(bytes) {
+                Ok(old) => Ok(old.into()),
+                Err(_) => Err(Error::Store(lamina_sync::Error::RecordCorrupt {
+                    what: "disk record".into(),
+                    reason: e.to_string(),
+                })),
+            },
+        }
     }
 
     pub(crate) fn encode(&self) -> Vec<u8> {
         // Serialising plain data into a Vec cannot fail.
         #[allow(clippy::expect_used)]
         postcard::to_allocvec(self).expect("postcard serialises into a Vec")
+    }
+}
+
+/// Disk records as written before bases could stream.
+mod legacy {
+    use lamina_sync::VersionId;
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub(super) struct DiskRecord {
+        name: String,
+        id: String,
+        size: u64,
+        base: Option<DiskBase>,
+        created_ns: i64,
+    }
+
+    #[derive(Deserialize)]
+    struct DiskBase {
+        layer: String,
+        version: VersionId,
+    }
+
+    impl From<DiskRecord> for super::DiskRecord {
+        fn from(o: DiskRecord) -> Self {
+            super::DiskRecord {
+                name: o.name,
+                id: o.id,
+                size: o.size,
+                base: o.base.map(|b| super::DiskBase {
+                    layer: b.layer,
+                    version: b.version,
+                    stream: None,
+                }),
+                created_ns: o.created_ns,
+            }
+        }
     }
 }
 
@@ -188,8 +244,6 @@ pub fn create(
     base: Option<(&Layer, VersionId)>,
     size: Option<u64>,
 ) -> Result<DiskRecord> {
-    check_layer_name(name)
-        .map_err(|e| Error::InvalidInput(e.to_string().replace("layer name", "disk name")))?;
     let (base, base_size) = match base {
         Some((layer, version)) => {
             if layer.format != LayerFormat::Disk {
@@ -211,12 +265,52 @@ pub fn create(
                 Some(DiskBase {
                     layer: layer.name.clone(),
                     version,
+                    stream: None,
                 }),
                 Some(size),
             )
         }
         None => (None, None),
     };
+    make(store, name, base, base_size, size)
+}
+
+/// Creates a disk over a version streamed from a remote (see
+/// [`lamina_sync::remote::StreamedVersion`]): nothing of its data is
+/// local yet.
+///
+/// # Errors
+/// As [`create`]; a streamed version that is not a disk.
+pub fn create_streamed(
+    store: &Store,
+    name: &str,
+    streamed: &lamina_sync::remote::StreamedVersion,
+    root: &Root,
+    size: Option<u64>,
+) -> Result<DiskRecord> {
+    let Root::Disk(d) = root else {
+        return Err(Error::InvalidInput(format!(
+            "version {} is not a disk",
+            streamed.version.short()
+        )));
+    };
+    let base = DiskBase {
+        layer: streamed.layer.clone(),
+        version: streamed.version,
+        stream: Some(streamed.remote.clone()),
+    };
+    make(store, name, Some(base), Some(d.size), size)
+}
+
+fn make(
+    store: &Store,
+    name: &str,
+    base: Option<DiskBase>,
+    base_size: Option<u64>,
+    size: Option<u64>,
+) -> Result<DiskRecord> {
+    check_layer_name(name)
+        .map_err(|e| Error::InvalidInput(e.to_string().replace("layer name", "disk name")))?;
     let size = match (size, base_size) {
         (Some(s), Some(b)) if s < b => {
             return Err(Error::InvalidInput(format!(
@@ -254,7 +348,8 @@ pub fn create(
             return Err(Error::DiskExists(name.to_owned()));
         }
         batch.put_record(RECORD_KIND, name, &rec.encode())?;
-        if let Some(b) = &rec.base {
+        // A streamed version is not in the store: nothing to pin (yet).
+        if let Some(b) = rec.base.as_ref().filter(|b| b.stream.is_none()) {
             batch.move_ref(&disk_ref(name), None, Some(b.version), "disk create")?;
         }
         store.commit(batch)?;
@@ -300,6 +395,11 @@ pub fn open(
 pub fn open_base(store: &Arc<Store>, rec: &DiskRecord) -> Result<Option<Arc<LayerImage>>> {
     match &rec.base {
         None => Ok(None),
+        Some(b) if b.is_streaming(store)? => Ok(Some(Arc::new(LayerImage::open_streamed(
+            store,
+            b.version,
+            &cache_dir(store),
+        )?))),
         Some(b) => Ok(Some(Arc::new(LayerImage::open(
             store.clone(),
             b.version,
@@ -394,8 +494,10 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
     let mut batch = store.batch()?;
     batch.delete_record(RECORD_KIND, name)?;
     batch.delete_record(LIVE_KIND, name)?;
-    if let Some(b) = &rec.base {
-        batch.move_ref(&disk_ref(name), Some(b.version), None, "disk rm")?;
+    // A streamed base has no ref (unless it became local and was
+    // committed over since).
+    if let Some(old) = store.ref_target(&disk_ref(name))? {
+        batch.move_ref(&disk_ref(name), Some(old), None, "disk rm")?;
     }
     store.commit(batch)?;
     drop(lock);
@@ -413,21 +515,26 @@ pub fn prune_cache(store: &Store) -> Result<()> {
         .into_iter()
         .filter_map(|r| r.base.map(|b| b.version.to_hex()))
         .collect();
-    let dir = cache_dir(store);
-    let Ok(entries) = fs::read_dir(&dir) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let version = name.split('.').next().unwrap_or_default().to_owned();
-        // Only cluster caches (files named by a version id) are ours; the
-        // directory is shared (the file view keeps `files/` here).
-        let ours = version.len() == 64
-            && version.bytes().all(|b| b.is_ascii_hexdigit())
-            && e.file_type().is_ok_and(|t| t.is_file());
-        if ours && !keep.contains(&version) {
-            let p = e.path();
-            fs::remove_file(&p).ctx(&p, "remove cached clusters")?;
+    // Cluster caches, and the manifests of streamed versions.
+    for dir in [
+        cache_dir(store),
+        lamina_sync::remote::stream_dir(store.root()),
+    ] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let version = name.split('.').next().unwrap_or_default().to_owned();
+            // Only files named by a version id are ours; the cache
+            // directory is shared (the file view keeps `files/` there).
+            let ours = version.len() == 64
+                && version.bytes().all(|b| b.is_ascii_hexdigit())
+                && e.file_type().is_ok_and(|t| t.is_file());
+            if ours && !keep.contains(&version) {
+                let p = e.path();
+                fs::remove_file(&p).ctx(&p, "remove cached clusters")?;
+            }
         }
     }
     Ok(())
@@ -436,4 +543,47 @@ pub fn prune_cache(store: &Store) -> Result<()> {
 /// Whether a file exists at `p` (for `disk show`).
 pub fn file_size(p: &Path) -> u64 {
     fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn records_written_before_streaming_still_decode() {
+        #[derive(serde::Serialize)]
+        struct OldBase {
+            layer: String,
+            version: lamina_sync::VersionId,
+        }
+        #[derive(serde::Serialize)]
+        struct OldRecord {
+            name: String,
+            id: String,
+            size: u64,
+            base: Option<OldBase>,
+            created_ns: i64,
+        }
+        let v = lamina_sync::VersionId([3; 32]);
+        let old = postcard::to_allocvec(&OldRecord {
+            name: "vm".into(),
+            id: "ab".into(),
+            size: 4096,
+            base: Some(OldBase {
+                layer: "os/x".into(),
+                version: v,
+            }),
+            created_ns: 7,
+        })
+        .unwrap();
+        let r = super::DiskRecord::decode(&old).unwrap();
+        let b = r.base.clone().unwrap();
+        assert_eq!((b.layer.as_str(), b.version, b.stream), ("os/x", v, None));
+        assert_eq!(r.created_ns, 7);
+        let mut now = r.clone();
+        now.base.as_mut().unwrap().stream = Some("origin".into());
+        assert_eq!(super::DiskRecord::decode(&now.encode()).unwrap(), now);
+        assert_eq!(super::DiskRecord::decode(&r.encode()).unwrap(), r);
+        assert!(super::DiskRecord::decode(b"\x01").is_err());
+    }
 }

@@ -50,5 +50,6 @@ pub mod qcow;
 pub mod server;
 pub mod session;
 pub mod source;
+pub mod stream;
 
 pub use error::{Error, Result};

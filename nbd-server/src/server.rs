@@ -28,6 +28,7 @@ pub struct StoreExports {
     holder: String,
     disks: Mutex<HashMap<String, (Arc<DiskExport>, DiskLock)>>,
     bases: Mutex<HashMap<VersionId, Weak<LayerImage>>>,
+    prefetch: bool,
 }
 
 impl StoreExports {
@@ -39,19 +40,33 @@ impl StoreExports {
             holder: "lamina serve".into(),
             disks: Mutex::new(HashMap::new()),
             bases: Mutex::new(HashMap::new()),
+            prefetch: true,
         }
     }
 
-    fn base(&self, version: VersionId) -> Result<Arc<LayerImage>> {
+    /// Whether streamed bases fill in the background (default) or only
+    /// fetch what is read.
+    #[must_use]
+    pub fn prefetch(mut self, on: bool) -> StoreExports {
+        self.prefetch = on;
+        self
+    }
+
+    fn base(&self, version: VersionId, streaming: bool) -> Result<Arc<LayerImage>> {
         let mut bases = self.bases.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(b) = bases.get(&version).and_then(Weak::upgrade) {
             return Ok(b);
         }
-        let b = Arc::new(LayerImage::open(
-            self.store.clone(),
-            version,
-            Some(&disk::cache_dir(&self.store)),
-        )?);
+        let cache = disk::cache_dir(&self.store);
+        let b = if streaming {
+            let b = Arc::new(LayerImage::open_streamed(&self.store, version, &cache)?);
+            if self.prefetch {
+                crate::stream::start(Arc::downgrade(&b), self.store.root().to_owned());
+            }
+            b
+        } else {
+            Arc::new(LayerImage::open(self.store.clone(), version, Some(&cache))?)
+        };
         bases.insert(version, Arc::downgrade(&b));
         Ok(b)
     }
@@ -70,7 +85,10 @@ impl StoreExports {
             Err(lamina_sync::Error::VersionNotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        Ok(Some(Arc::new(LayerExport::new(name, self.base(version)?))))
+        Ok(Some(Arc::new(LayerExport::new(
+            name,
+            self.base(version, false)?,
+        ))))
     }
 
     fn disk_export(&self, name: &str) -> Result<Option<Arc<dyn Export>>> {
@@ -88,7 +106,7 @@ impl StoreExports {
             Err(e) => return Err(e),
         };
         let base = match &rec.base {
-            Some(b) => Some(self.base(b.version)?),
+            Some(b) => Some(self.base(b.version, b.is_streaming(&self.store)?)?),
             None => None,
         };
         let (export, lock) = disk::open(&self.store, &rec, base, !self.read_only, &self.holder)?;

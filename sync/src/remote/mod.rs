@@ -12,6 +12,7 @@
 mod conn;
 mod fetch;
 mod status;
+mod stream;
 mod sync;
 mod upload;
 
@@ -23,6 +24,10 @@ use crate::store::Store;
 
 pub use conn::{ConnectOptions, Connection};
 pub use status::{QueuedLayer, SyncState, SyncStatus};
+pub use stream::{
+    load_streamed, remove_streamed, stream_dir, FetchCounters, RemoteChunks, StreamNodes,
+    StreamedVersion,
+};
 pub use sync::{Action, LayerReport, Mode, SyncOptions};
 
 const REMOTE: &str = "remote";

@@ -18,6 +18,7 @@ mod data;
 mod fs;
 mod nbd;
 mod screens;
+mod stream;
 mod sync;
 mod vm;
 
@@ -89,6 +90,25 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
             finish_work(&work, a.keep, out);
             let report = result?;
             out.result(&report, || broker::render(&report))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Stream(a) => {
+            let exe = std::env::current_exe()?;
+            if let Some(spec) = &a.inner {
+                stream::inner(&exe, spec)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let guest = a
+                .guest
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("fixtures/guest/out"));
+            let guest = std::path::absolute(&guest)?;
+            let size = crate::output::parse_size(&a.size)?;
+            let work = work_dir(a.dir.as_deref(), "stream")?;
+            let result = stream::run(&exe, &guest, &work, size, &a.rate, &|m| out.note(m));
+            finish_work(&work, a.keep, out);
+            let report = result?;
+            out.result(&report, || stream::render(&report))?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Sync(a) => {

@@ -55,7 +55,12 @@ fn max(v: &[f64]) -> f64 {
 }
 
 /// Seconds since `t0` at which `log` first holds `marker`.
-fn wait_marker(log: &Path, marker: &str, t0: Instant, limit: Duration) -> anyhow::Result<f64> {
+pub(super) fn wait_marker(
+    log: &Path,
+    marker: &str,
+    t0: Instant,
+    limit: Duration,
+) -> anyhow::Result<f64> {
     loop {
         if std::fs::read_to_string(log)
             .unwrap_or_default()

@@ -13,9 +13,24 @@ use crate::output::{bytes, parse_size, time, Out};
 
 pub fn run(cli: &Cli, out: &Out, c: &DiskCommand) -> anyhow::Result<ExitCode> {
     match c {
-        DiskCommand::Create { name, base, size } => {
-            create(cli, out, name, base.as_deref(), size.as_deref())
-        }
+        DiskCommand::Create {
+            name,
+            base,
+            size,
+            stream: false,
+        } => create(cli, out, name, base.as_deref(), size.as_deref()),
+        DiskCommand::Create {
+            name,
+            base,
+            size,
+            stream: true,
+        } => create_streamed(
+            cli,
+            out,
+            name,
+            base.as_deref().unwrap_or(""),
+            size.as_deref(),
+        ),
         DiskCommand::Ls => ls(cli, out),
         DiskCommand::Show { name } => show(cli, out, name),
         DiskCommand::Rm { name } => {
@@ -50,10 +65,28 @@ pub fn run(cli: &Cli, out: &Out, c: &DiskCommand) -> anyhow::Result<ExitCode> {
 
 fn describe(store: &Store, d: &DiskRecord) -> Value {
     let status = disk::status(store, &d.name).ok();
+    let stream = d
+        .base
+        .as_ref()
+        .filter(|b| b.is_streaming(store).unwrap_or(false))
+        .map(|b| {
+            let s = lamina_nbd::stream::status(store, b.version);
+            json!({
+                "remote": b.stream,
+                "local_clusters": s.local_clusters,
+                "total_clusters": s.total_clusters,
+                "prefetch_rate_bytes_s": s.rate_bytes_s,
+                "fetched_bytes": s.fetched_bytes,
+                "failures": s.failures,
+                "last_error": s.last_error,
+                "done": s.done,
+            })
+        });
     json!({
         "name": d.name,
         "size": d.size,
         "base": d.base.as_ref().map(|b| json!({"layer": b.layer, "version": b.version})),
+        "stream": stream,
         "created": time(d.created_ns),
         "changed_clusters": status.as_ref().map(|s| s.clusters),
         "changed_bytes": status.as_ref().map(|s| s.cluster_bytes),
@@ -90,6 +123,36 @@ fn create(
                 .as_ref()
                 .map(|b| format!(" over {}@{}", b.layer, b.version.short()))
                 .unwrap_or_default()
+        )
+    })
+}
+
+fn create_streamed(
+    cli: &Cli,
+    out: &Out,
+    name: &str,
+    base: &str,
+    size: Option<&str>,
+) -> anyhow::Result<()> {
+    let size = size.map(parse_size).transpose()?;
+    let Some((remote, spec)) = base.split_once(':') else {
+        anyhow::bail!("--stream needs --base REMOTE:LAYER[@VERSION], not `{base}`");
+    };
+    let (layer, version) = split_layer_spec(spec);
+    let store = open(cli, out, Access::Write)?;
+    let (streamed, nodes) = store.stream_manifests(remote, layer, version.unwrap_or("head"))?;
+    let root = nodes.root(streamed.root)?;
+    let rec = disk::create_streamed(&store, name, &streamed, &root, size)?;
+    let doc = describe(&store, &rec);
+    out.result(&doc, || {
+        format!(
+            "created disk {} ({}) streaming {}:{}@{} ({} data clusters on the remote, none here yet)",
+            rec.name,
+            bytes(rec.size),
+            remote,
+            streamed.layer,
+            streamed.version.short(),
+            streamed.chunks
         )
     })
 }

@@ -34,7 +34,7 @@ pub fn run(cli: &Cli, out: &Out, a: &ServeArgs) -> anyhow::Result<ExitCode> {
         }
         None => {
             let store = Arc::new(open(cli, out, Access::Serve)?);
-            let e = Arc::new(StoreExports::new(store, a.read_only));
+            let e = Arc::new(StoreExports::new(store, a.read_only).prefetch(!a.no_prefetch));
             let c = e.clone();
             (e, Box::new(move || c.close_all()))
         }

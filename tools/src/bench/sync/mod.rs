@@ -34,6 +34,8 @@
 mod measure;
 mod scenarios;
 
+pub(super) use scenarios::LaminaSide;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -146,10 +148,10 @@ pub fn inner(exe: &Path, spec: &str) -> anyhow::Result<()> {
 
 /// A network namespace with `lo` up, limited by tbf when `rate` is given;
 /// deleted on drop.
-struct Netns(String);
+pub(super) struct Netns(pub(super) String);
 
 impl Netns {
-    fn new(name: String, rate: Option<&str>) -> anyhow::Result<Netns> {
+    pub(super) fn new(name: String, rate: Option<&str>) -> anyhow::Result<Netns> {
         run_ok(
             Command::new("ip").args(["netns", "add", &name]),
             "ip netns add",

@@ -74,35 +74,38 @@ fn changed_clusters(image_bytes: u64) -> Vec<u64> {
 }
 
 /// The Lamina side: a central store with its server, and a laptop store.
-struct LaminaSide {
+pub(in crate::bench) struct LaminaSide {
     exe: PathBuf,
-    central: PathBuf,
-    laptop: PathBuf,
+    pub(in crate::bench) central: PathBuf,
+    pub(in crate::bench) laptop: PathBuf,
+    /// The server's URL.
+    pub(in crate::bench) url: String,
     server: Option<Proc>,
 }
 
 impl LaminaSide {
-    fn cmd(&self, store: &Path) -> Command {
+    pub(in crate::bench) fn cmd(&self, store: &Path) -> Command {
         let mut c = Command::new(&self.exe);
         c.arg("--store").arg(store).arg("--quiet");
         c.env_remove("LAMINA_STORE").env("LAMINA_HOST", "laptop");
         c
     }
 
-    fn ok(&self, store: &Path, args: &[&str]) -> anyhow::Result<String> {
+    pub(in crate::bench) fn ok(&self, store: &Path, args: &[&str]) -> anyhow::Result<String> {
         stdout_of(
             self.cmd(store).args(args),
             &format!("lamina {}", args.join(" ")),
         )
     }
 
-    fn new(exe: &Path, work: &Path) -> anyhow::Result<LaminaSide> {
+    pub(in crate::bench) fn new(exe: &Path, work: &Path) -> anyhow::Result<LaminaSide> {
         let central = work.join("central");
         let laptop = work.join("laptop");
         let s = LaminaSide {
             exe: exe.to_owned(),
             central,
             laptop,
+            url: String::new(),
             server: None,
         };
         crate::bench::make_certs(&work.join("certs"))?;
@@ -127,6 +130,7 @@ impl LaminaSide {
         let url = v["url"].as_str().context("server url")?.to_owned();
         let mut s = s;
         s.server = Some(Proc(server));
+        s.url.clone_from(&url);
         s.ok(&s.laptop, &["init"])?;
         let token = work.join("alice.token");
         let ca = certs.join("ca.pem");

@@ -9,103 +9,86 @@
 //! chunk id the first time this process reads them, so a cache damaged by a
 //! crash or by hand is refetched, never served. The cache is shared by every
 //! disk on the same base version.
+//!
+//! A **streamed** base ([`LayerImage::open_streamed`]) has its manifest
+//! nodes in `STORE/stream/` and its data on a remote: a read of a cluster
+//! not cached yet fetches the chunks of the whole read (one request),
+//! verifies them and caches them; the prefetcher (`crate::stream`) fills
+//! the rest in the background.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use lamina_sync::manifest::{DiskNode, DiskRoot, Node, NodeSource, RADIX_BITS};
+use lamina_sync::manifest::{DiskNode, DiskRoot, Node, NodeSource, Root, RADIX_BITS};
+use lamina_sync::remote::{RemoteChunks, StreamNodes, StreamedVersion};
 use lamina_sync::{ChunkId, ManifestId, Store, VersionId};
 
 use crate::error::{Error, IoContext, Result};
 use crate::source::{check_range, Alloc, ReadAt, Runs};
+use cache::{bit, set_bit, ClusterCache};
+
+mod cache;
+
+/// Where a base's nodes and chunks come from.
+enum Src {
+    /// The store holds the version.
+    Local(Arc<Store>),
+    /// The version streams from a remote.
+    Remote(Box<Remote>),
+}
+
+struct Remote {
+    meta: StreamedVersion,
+    nodes: StreamNodes,
+    chunks: RemoteChunks,
+}
 
 /// A disk layer version.
 pub struct LayerImage {
-    store: Arc<Store>,
+    src: Src,
     version: VersionId,
     root: DiskRoot,
     cs: u64,
     nodes: Mutex<HashMap<ManifestId, Arc<DiskNode>>>,
     cache: Option<ClusterCache>,
+    /// Demand reads of a streamed base waiting on the remote: the
+    /// prefetcher stands back while there are any.
+    waiting: std::sync::atomic::AtomicUsize,
+    /// The boot profile being recorded (a streamed base's first session).
+    recorder: Option<crate::stream::Recorder>,
 }
 
-struct ClusterCache {
-    data: File,
-    data_path: PathBuf,
-    present_file: File,
-    bits: Mutex<CacheBits>,
-}
+/// Counts a demand read waiting on the remote while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
 
-struct CacheBits {
-    present: Vec<u64>,
-    verified: Vec<u64>,
-}
-
-fn bit(v: &[u64], c: u64) -> bool {
-    v.get((c / 64) as usize)
-        .is_some_and(|w| w & (1 << (c % 64)) != 0)
-}
-
-fn set_bit(v: &mut [u64], c: u64) {
-    if let Some(w) = v.get_mut((c / 64) as usize) {
-        *w |= 1 << (c % 64);
+impl<'a> Waiting<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Waiting<'a> {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(n)
     }
 }
 
-impl ClusterCache {
-    fn open(dir: &Path, version: VersionId, size: u64, clusters: u64) -> Result<ClusterCache> {
-        std::fs::create_dir_all(dir).ctx(dir, "create cache directory")?;
-        let data_path = dir.join(format!("{version}.raw"));
-        let present_path = dir.join(format!("{version}.present"));
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .ctx(&data_path, "open cluster cache")?;
-        if data.metadata().ctx(&data_path, "stat cluster cache")?.len() != size {
-            data.set_len(size).ctx(&data_path, "size cluster cache")?;
-        }
-        let present_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&present_path)
-            .ctx(&present_path, "open cluster cache")?;
-        let words = clusters.div_ceil(64) as usize;
-        let mut raw = vec![0u8; words * 8];
-        let have = present_file.metadata().map(|m| m.len()).unwrap_or(0) as usize;
-        if have > 0 {
-            let n = have.min(raw.len());
-            present_file
-                .read_exact_at(&mut raw[..n], 0)
-                .ctx(&present_path, "read cluster cache")?;
-        }
-        let present = raw
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
-            .collect();
-        Ok(ClusterCache {
-            data,
-            data_path,
-            present_file,
-            bits: Mutex::new(CacheBits {
-                present,
-                verified: vec![0; words],
-            }),
-        })
-    }
-
-    fn bits(&self) -> MutexGuard<'_, CacheBits> {
-        // Bits only ever get set; a poisoned lock holds nothing half-done.
-        self.bits.lock().unwrap_or_else(|p| p.into_inner())
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+fn disk_root(version: VersionId, root: Root) -> Result<DiskRoot> {
+    match root {
+        Root::Disk(d) => Ok(d),
+        Root::Tree { .. } => Err(Error::InvalidInput(format!(
+            "version {} is a tree, not a disk",
+            version.short()
+        ))),
+    }
+}
+
+/// Clusters a demand read of a streamed base also fetches after the ones
+/// it needs (boot reads run forward): 1 MiB of 64 KiB clusters.
+const READAHEAD: u64 = 16;
 
 impl LayerImage {
     /// Opens version `version` (of a disk layer) of `store`. With `cache_dir`
@@ -118,15 +101,51 @@ impl LayerImage {
         version: VersionId,
         cache_dir: Option<&Path>,
     ) -> Result<LayerImage> {
-        let root = match store.root_of(version)? {
-            lamina_sync::manifest::Root::Disk(d) => d,
-            lamina_sync::manifest::Root::Tree { .. } => {
-                return Err(Error::InvalidInput(format!(
-                    "version {} is a tree, not a disk",
+        let root = disk_root(version, store.root_of(version)?)?;
+        LayerImage::with(Src::Local(store), version, root, cache_dir)
+    }
+
+    /// Opens version `version` streamed from a remote (what `lamina disk
+    /// create --stream` fetched into `STORE/stream/`), caching its clusters
+    /// in `cache_dir`.
+    ///
+    /// # Errors
+    /// A version that was not streamed, an unknown remote, I/O failures.
+    pub fn open_streamed(
+        store: &Store,
+        version: VersionId,
+        cache_dir: &Path,
+    ) -> Result<LayerImage> {
+        let (meta, nodes) = lamina_sync::remote::load_streamed(store.root(), version)?
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "version {} was not streamed into this store (STORE/stream/ has no record of it)",
                     version.short()
-                )))
-            }
-        };
+                ))
+            })?;
+        let root = disk_root(version, nodes.root(meta.root)?)?;
+        let chunks = RemoteChunks::new(store, &meta.remote, &meta.layer)?;
+        let clusters = root.clusters();
+        let mut image = LayerImage::with(
+            Src::Remote(Box::new(Remote {
+                meta,
+                nodes,
+                chunks,
+            })),
+            version,
+            root,
+            Some(cache_dir),
+        )?;
+        image.recorder = crate::stream::Recorder::start(store.root(), version, clusters);
+        Ok(image)
+    }
+
+    fn with(
+        src: Src,
+        version: VersionId,
+        root: DiskRoot,
+        cache_dir: Option<&Path>,
+    ) -> Result<LayerImage> {
         let cs = u64::from(root.cluster_size);
         let cache = match cache_dir {
             Some(dir) => Some(ClusterCache::open(
@@ -138,13 +157,55 @@ impl LayerImage {
             None => None,
         };
         Ok(LayerImage {
-            store,
+            src,
             version,
             root,
             cs,
             nodes: Mutex::new(HashMap::new()),
             cache,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            recorder: None,
         })
+    }
+
+    /// The remote a streamed base streams from, and what was streamed.
+    pub fn streamed(&self) -> Option<&StreamedVersion> {
+        match &self.src {
+            Src::Local(_) => None,
+            Src::Remote(r) => Some(&r.meta),
+        }
+    }
+
+    /// What a streamed base fetched so far.
+    pub fn fetch_counters(&self) -> Option<lamina_sync::remote::FetchCounters> {
+        match &self.src {
+            Src::Local(_) => None,
+            Src::Remote(r) => Some(r.chunks.counters()),
+        }
+    }
+
+    /// Demand reads waiting on the remote now.
+    pub fn demand_waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Clusters in the cache, and clusters holding data (not holes) of
+    /// the version.
+    pub fn cached_clusters(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| {
+            c.bits()
+                .present
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum()
+        })
+    }
+
+    /// Whether cluster `c` is in the cache.
+    pub fn is_cached(&self, c: u64) -> bool {
+        self.cache
+            .as_ref()
+            .is_some_and(|cache| bit(&cache.bits().present, c))
     }
 
     /// The version.
@@ -171,7 +232,11 @@ impl LayerImage {
         {
             return Ok(n.clone());
         }
-        let node = match self.with_refresh(|| self.store.load(id))? {
+        let loaded = match &self.src {
+            Src::Local(store) => self.with_refresh(store, || store.load(id))?,
+            Src::Remote(r) => r.nodes.load(id)?,
+        };
+        let node = match loaded {
             Node::Disk(d) => Arc::new(d),
             _ => {
                 return Err(Error::Store(lamina_sync::Error::ManifestCorrupt {
@@ -189,11 +254,11 @@ impl LayerImage {
 
     /// Runs a store read, and once more after catching up with the catalog
     /// if it failed (gc may have moved the chunk since this reader opened).
-    fn with_refresh<T>(&self, f: impl Fn() -> lamina_sync::Result<T>) -> Result<T> {
+    fn with_refresh<T>(&self, store: &Store, f: impl Fn() -> lamina_sync::Result<T>) -> Result<T> {
         match f() {
             Ok(v) => Ok(v),
             Err(first) => {
-                if self.store.refresh().is_err() {
+                if store.refresh().is_err() {
                     return Err(first.into());
                 }
                 f().map_err(Into::into)
@@ -255,7 +320,25 @@ impl LayerImage {
                 tracing::warn!(cluster = c, chunk = %id, "cached cluster does not match its chunk; refetching");
             }
         }
-        let data = self.with_refresh(|| self.store.chunk(&id))?;
+        let data = match &self.src {
+            Src::Local(store) => self.with_refresh(store, || store.chunk(&id))?,
+            Src::Remote(_) => {
+                let mut got = self.fetch(&[(c, id)], true)?;
+                got.pop().map(|(_, d)| d).unwrap_or_default()
+            }
+        };
+        if matches!(self.src, Src::Local(_)) {
+            self.keep(c, id, &data)?;
+        }
+        let s = within as usize;
+        buf.copy_from_slice(&data[s..s + buf.len()]);
+        Ok(())
+    }
+
+    /// Checks `data` as cluster `c` (chunk `id`) and writes it into the
+    /// cache, if any.
+    fn keep(&self, c: u64, id: ChunkId, data: &[u8]) -> Result<()> {
+        let len = self.root.cluster_len(c);
         if data.len() as u64 != len {
             return Err(Error::Store(lamina_sync::Error::ChunkCorrupt {
                 id,
@@ -265,7 +348,7 @@ impl LayerImage {
         if let Some(cache) = &self.cache {
             cache
                 .data
-                .write_all_at(&data, c * self.cs)
+                .write_all_at(data, c * self.cs)
                 .ctx(&cache.data_path, "write cluster cache")?;
             let mut b = cache.bits();
             set_bit(&mut b.present, c);
@@ -278,8 +361,64 @@ impl LayerImage {
                     .ctx(&cache.data_path, "write cluster cache")?;
             }
         }
-        let s = within as usize;
-        buf.copy_from_slice(&data[s..s + buf.len()]);
+        Ok(())
+    }
+
+    /// Fetches clusters `want` (cluster, chunk) of a streamed base from its
+    /// remote in one request, verified, and caches them; `demand` for a
+    /// guest's read (the prefetcher stands back meanwhile). Returns the
+    /// data in the order asked.
+    ///
+    /// # Errors
+    /// The remote unreachable or refusing (the read fails with EIO; a
+    /// later read tries again), a chunk that does not fit its cluster.
+    pub(crate) fn fetch(
+        &self,
+        want: &[(u64, ChunkId)],
+        demand: bool,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let Src::Remote(r) = &self.src else {
+            return Err(Error::InvalidInput("not a streamed base".into()));
+        };
+        if want.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<ChunkId> = want.iter().map(|(_, id)| *id).collect();
+        let _w = demand.then(|| Waiting::new(&self.waiting));
+        let got = r.chunks.fetch(&ids)?;
+        let mut out = Vec::with_capacity(want.len());
+        for (c, id) in want {
+            // Present: `fetch` answers every id asked for.
+            let data = got.get(id).cloned().unwrap_or_default();
+            self.keep(*c, *id, &data)?;
+            out.push((*c, data));
+        }
+        Ok(out)
+    }
+
+    /// Fetches, in one request, the clusters of `first..=last` (chunks
+    /// `ids`) a streamed base has not cached, and up to [`READAHEAD`]
+    /// uncached clusters after them.
+    fn fetch_missing(&self, first: u64, last: u64, ids: &[Option<ChunkId>]) -> Result<()> {
+        let mut want: Vec<(u64, ChunkId)> = (first..=last)
+            .zip(ids)
+            .filter_map(|(c, id)| id.map(|id| (c, id)))
+            .filter(|(c, _)| !self.is_cached(*c))
+            .collect();
+        if want.is_empty() {
+            return Ok(());
+        }
+        let mut c = last + 1;
+        let end = (last + 1 + READAHEAD).min(self.root.clusters());
+        while c < end {
+            if let Some(id) = self.chunk_of(c)? {
+                if !self.is_cached(c) {
+                    want.push((c, id));
+                }
+            }
+            c += 1;
+        }
+        self.fetch(&want, true)?;
         Ok(())
     }
 
@@ -319,6 +458,12 @@ impl ReadAt for LayerImage {
         let ids: Vec<Option<ChunkId>> = (first..=last)
             .map(|c| self.chunk_of(c))
             .collect::<Result<_>>()?;
+        if matches!(self.src, Src::Remote(_)) {
+            if let Some(r) = &self.recorder {
+                r.touch(first, last);
+            }
+            self.fetch_missing(first, last, &ids)?;
+        }
         // Clusters this process has already verified in the cache are read
         // straight from it, a whole run per pread.
         let ready: Vec<bool> = match &self.cache {
