@@ -645,3 +645,96 @@ fn offline_changes_on_two_laptops_and_the_server_merge_by_policy() {
     drop(server);
     fsck_ok(&c.env);
 }
+
+#[test]
+fn golden_layers_are_signed_and_unsigned_or_foreign_versions_refused() {
+    let c = Central::new();
+    let tok = c.user("alice", &[]);
+    let img = c.env.path("os.raw");
+    make_image(&img, 16, 1);
+    c.env.create("os/gold", "os", "disk");
+    c.env.import("os/gold", &img);
+    let apps = c.env.path("apps");
+    make_tree(&apps, 20, 2);
+    c.env.create("group/apps", "group", "tree");
+    c.env.import("group/apps", &apps);
+    for l in ["os/gold", "group/apps"] {
+        c.env.ok(&["layer", "grant", l, "alice", "read"]);
+    }
+    let k1 = c.env.json(&["key", "generate"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let server = c.start();
+    let addr = server.addr;
+    let a = Laptop::new("laptop", &server.url(), &tok, &c.certs.ca);
+    let v1 = a.sync("pull", &["os/gold", "group/apps"]);
+    assert_eq!(layer(&v1, "os/gold")["action"], "checked-out", "{v1}");
+    a.env.ok(&["disk", "create", "d1", "--base", "os/gold"]);
+    let first = a.env.json(&["layer", "log", "os/gold"]);
+    let first = first["versions"][0]["id"].as_str().unwrap().to_owned();
+
+    // A new admin version while the server runs, signed by the active key.
+    let bump = |server: common::net::Server, seed: u64| {
+        make_image(&img, 16, seed);
+        server.stop();
+        c.env.import("os/gold", &img);
+        c.start_at(addr)
+    };
+
+    // Rotation: k2 is endorsed by k1, so the laptop moves to it by itself.
+    let k2 = c.env.json(&["key", "generate"]);
+    assert_eq!(k2["endorsed_by"], k1.as_str(), "{k2}");
+    let k2 = k2["id"].as_str().unwrap().to_owned();
+    let server = bump(server, 3);
+    let r = a.sync("pull", &["os/gold"]);
+    assert_eq!(layer(&r, "os/gold")["action"], "fast-forward", "{r}");
+    a.env.ok(&["disk", "create", "d2", "--base", "os/gold"]);
+
+    // k1 revoked: what only k1 signed is refused here, naming the key.
+    c.env.ok(&["key", "revoke", &k1]);
+    a.sync("pull", &["os/gold"]);
+    let (code, err) = a.env.fail(&[
+        "disk",
+        "create",
+        "d3",
+        "--base",
+        &format!("os/gold@{first}"),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("os/gold") && err.contains(&k1) && err.contains("revoked"),
+        "{err}"
+    );
+
+    // No active key: the next version comes unsigned and is refused.
+    c.env.ok(&["key", "revoke", &k2]);
+    let server = bump(server, 4);
+    let (_, err) = a.sync_fails("pull", &["os/gold"]);
+    assert!(
+        err.contains("os/gold") && err.contains("not signed"),
+        "{err}"
+    );
+
+    // A key no trusted key endorsed: refused, naming it.
+    let k3 = c.env.json(&["key", "generate"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, err) = a.sync_fails("pull", &["os/gold"]);
+    assert!(err.contains(&k3) && err.contains("not trusted"), "{err}");
+    // Trusting the server's keys again takes it.
+    let t = a.env.json(&["remote", "trust", "origin"]);
+    assert_eq!(t["keys"], serde_json::json!([k3]), "{t}");
+    let r = a.sync("pull", &["os/gold", "group/apps"]);
+    assert_eq!(layer(&r, "os/gold")["action"], "fast-forward", "{r}");
+    a.env.ok(&["disk", "create", "d4", "--base", "os/gold"]);
+
+    // Layers of this store alone are not checked.
+    a.env.create("os/mine", "os", "disk");
+    a.env.import("os/mine", &img);
+    a.env.ok(&["disk", "create", "d5", "--base", "os/mine"]);
+    let keys = c.env.json(&["key", "ls"]);
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 3, "{keys}");
+    drop(server);
+}

@@ -282,7 +282,7 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
     }
     let mut slots = Vec::with_capacity(comp.slots.len());
     for (i, s) in comp.slots.iter().enumerate() {
-        store.layer(&s.layer).map_err(|e| match e {
+        let layer = store.layer(&s.layer).map_err(|e| match e {
             lamina_sync::Error::LayerNotFound { .. } => Error::Invalid(format!(
                 "layer {} of composition {} no longer exists",
                 s.layer, comp.name
@@ -293,6 +293,10 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
             Some(v) => Some(v),
             None => heads[i],
         };
+        if let Some(v) = version {
+            // A golden layer from a signing remote must carry its signature.
+            store.check_signed(&layer, v)?;
+        }
         let root_node = match version {
             Some(v) => match store.root_of(v)? {
                 Root::Tree { meta, dir } => Some((Arc::new(meta), dir)),

@@ -252,6 +252,8 @@ pub fn create(
                     layer.name
                 )));
             }
+            // A golden layer from a signing remote must carry its signature.
+            store.check_signed(layer, version)?;
             let size = match store.root_of(version)? {
                 Root::Disk(d) => d.size,
                 Root::Tree { .. } => {
@@ -400,11 +402,14 @@ pub fn open_base(store: &Arc<Store>, rec: &DiskRecord) -> Result<Option<Arc<Laye
             b.version,
             &cache_dir(store),
         )?))),
-        Some(b) => Ok(Some(Arc::new(LayerImage::open(
-            store.clone(),
-            b.version,
-            Some(&cache_dir(store)),
-        )?))),
+        Some(b) => {
+            store.check_signed(&store.layer(&b.layer)?, b.version)?;
+            Ok(Some(Arc::new(LayerImage::open(
+                store.clone(),
+                b.version,
+                Some(&cache_dir(store)),
+            )?)))
+        }
     }
 }
 

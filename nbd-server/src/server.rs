@@ -106,7 +106,16 @@ impl StoreExports {
             Err(e) => return Err(e),
         };
         let base = match &rec.base {
-            Some(b) => Some(self.base(b.version, b.is_streaming(&self.store)?)?),
+            Some(b) => {
+                let streaming = b.is_streaming(&self.store)?;
+                if !streaming {
+                    // A golden layer from a signing remote must carry its
+                    // signature (a streamed one was checked when created).
+                    self.store
+                        .check_signed(&self.store.layer(&b.layer)?, b.version)?;
+                }
+                Some(self.base(b.version, streaming)?)
+            }
             None => None,
         };
         let (export, lock) = disk::open(&self.store, &rec, base, !self.read_only, &self.holder)?;

@@ -222,6 +222,17 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
+    /// An `os` or `group` version without a valid signature from a key
+    /// its remote is trusted for.
+    #[error("layer `{layer}` (from remote {remote}): {reason}; refused")]
+    Unsigned {
+        /// Layer name.
+        layer: String,
+        /// The remote whose keys it was checked against.
+        remote: String,
+        /// What is wrong, naming the version and the key.
+        reason: String,
+    },
     /// A remote server could not be reached, or the connection broke.
     #[error("remote {remote}: {reason}")]
     RemoteUnreachable {
@@ -295,6 +306,7 @@ impl Error {
             Error::RefConflict { .. } => ErrorKind::Conflict,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::RemoteUnreachable { .. } => ErrorKind::Unreachable,
+            Error::Unsigned { .. } => ErrorKind::Denied,
             Error::RemoteRefused { status, .. } => match status {
                 401 | 403 => ErrorKind::Denied,
                 404 => ErrorKind::NotFound,

@@ -87,6 +87,7 @@ mod progress;
 pub mod protocol;
 mod reach;
 pub mod remote;
+pub mod sign;
 mod store;
 pub mod transfer;
 mod version;

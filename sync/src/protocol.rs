@@ -79,6 +79,9 @@ pub struct VersionsRequest {
 pub struct VersionsResponse {
     /// The versions, parents first.
     pub versions: Vec<PushedVersion>,
+    /// The server's signatures over those of `os` and `group` layers.
+    #[serde(default)]
+    pub signatures: Vec<crate::sign::VersionSig>,
 }
 
 /// A layer to create on the server with its first push.

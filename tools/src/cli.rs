@@ -88,6 +88,9 @@ pub enum Command {
     /// Servers this store syncs with
     #[command(subcommand)]
     Remote(RemoteCommand),
+    /// Signing keys of os and group layers (server side)
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Check layers out of a remote (creating them here), or bring them up to date
     Pull(TransferArgs),
     /// Check layers in to a remote (refused if the server moved: use sync)
@@ -293,6 +296,25 @@ pub enum RemoteCommand {
     Rm {
         /// Remote name
         name: String,
+    },
+    /// Trust the remote's current signing keys (replacing those trusted)
+    Trust {
+        /// Remote name
+        name: String,
+    },
+}
+
+/// `lamina key ...` (on the server's store)
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Make a signing key (endorsed by the active one); it signs from now on
+    Generate,
+    /// List signing keys
+    Ls,
+    /// Revoke a signing key: clients refuse what only it signed
+    Revoke {
+        /// Key id (or a prefix of it)
+        id: String,
     },
 }
 

@@ -125,6 +125,7 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Group(c) => cmd::identity::group(cli, out, c),
         Command::Token(c) => cmd::identity::token(cli, out, c),
         Command::Remote(c) => cmd::remote::run(cli, out, c),
+        Command::Key(c) => cmd::remote::key(cli, out, c),
         Command::Pull(a) => cmd::sync::transfer(cli, out, a, lamina_sync::remote::Mode::Pull),
         Command::Push(a) => cmd::sync::transfer(cli, out, a, lamina_sync::remote::Mode::Push),
         Command::Sync(a) => cmd::sync::sync(cli, out, a),

@@ -101,9 +101,28 @@ pub(super) async fn versions(
                 found.len()
             )));
         }
+        let signatures = if crate::sign::signed_kind(layer.kind) {
+            let ids: Vec<_> = found.iter().map(|(id, _)| *id).collect();
+            store.sign_versions(&ids)?
+        } else {
+            Vec::new()
+        };
         Ok(Json(VersionsResponse {
             versions: found.iter().map(|(_, v)| PushedVersion::of(v)).collect(),
+            signatures,
         }))
+    })
+    .await
+}
+
+/// `GET /api/v1/keys`: the server's signing keys (public parts).
+pub(super) async fn keys(
+    State(st): State<ApiState>,
+    Authed(_c): Authed,
+) -> ApiResult<Json<Vec<crate::sign::PublicKey>>> {
+    blocking(move || {
+        let store = st.gate.read()?;
+        Ok(Json(store.signing_keys()?))
     })
     .await
 }

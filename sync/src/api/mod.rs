@@ -78,6 +78,7 @@ pub fn router(state: ApiState) -> Router {
     let upload = DefaultBodyLimit::max(MAX_UPLOAD_BYTES);
     Router::new()
         .route("/api/v1/whoami", get(layers::whoami))
+        .route("/api/v1/keys", get(layers::keys))
         .route("/api/v1/layers", get(layers::list))
         .route("/api/v1/layers/{*layer}", get(layers::show))
         .route(

@@ -55,6 +55,9 @@ impl Default for ConnectOptions {
     }
 }
 
+/// Versions as a server sent them, with its signatures over them.
+pub type SignedVersions = (Vec<(VersionId, Version)>, Vec<crate::sign::VersionSig>);
+
 /// A connection to one remote.
 pub struct Connection {
     name: String,
@@ -357,6 +360,20 @@ impl Connection {
         want: &[VersionId],
         have: &[VersionId],
     ) -> Result<Vec<(VersionId, Version)>> {
+        Ok(self.signed_versions(layer, want, have)?.0)
+    }
+
+    /// As [`Connection::versions`], with the server's signatures over them
+    /// (unchecked here: see [`crate::sign::check`]).
+    ///
+    /// # Errors
+    /// Transport failures, a version that does not match its id.
+    pub fn signed_versions(
+        &self,
+        layer: &str,
+        want: &[VersionId],
+        have: &[VersionId],
+    ) -> Result<SignedVersions> {
         let r: VersionsResponse = self.post(
             &format!("versions/{layer}"),
             &VersionsRequest {
@@ -364,10 +381,25 @@ impl Connection {
                 have: have.to_vec(),
             },
         )?;
-        r.versions
+        let versions = r
+            .versions
             .iter()
             .map(|pv| Ok((pv.id, pv.decode()?)))
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((versions, r.signatures))
+    }
+
+    /// The server's signing keys (none from a server that has none).
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub fn keys(&self) -> Result<Vec<crate::sign::PublicKey>> {
+        match self.get("keys") {
+            Ok(k) => Ok(k),
+            // A server from before signing.
+            Err(Error::RemoteRefused { status: 404, .. }) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Which of `ids` the server lacks.

@@ -18,6 +18,59 @@ use crate::transfer::TransferStats;
 const MAX_HAVE: usize = 20_000;
 
 impl Store {
+    /// Checks the signatures over `versions` of `os`/`group` layer `name`
+    /// against the keys trusted for `conn`'s remote (learning endorsed
+    /// keys and revocations from the server first); returns those to keep.
+    /// A remote with no trusted keys does not sign: nothing is checked.
+    ///
+    /// # Errors
+    /// [`Error::Unsigned`] for the first version without a valid
+    /// signature; transport and store failures.
+    pub(super) fn check_pulled(
+        &self,
+        conn: &Connection,
+        name: &str,
+        versions: &[(VersionId, crate::version::Version)],
+        sigs: Vec<crate::sign::VersionSig>,
+    ) -> Result<Vec<crate::sign::VersionSig>> {
+        let cfg = self.remote(conn.name())?;
+        if cfg.keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut keep = Vec::new();
+        for (id, _) in versions {
+            let sig = sigs.iter().find(|s| s.version == *id);
+            crate::sign::check(&cfg.keys, *id, sig).map_err(|why| Error::Unsigned {
+                layer: name.to_owned(),
+                remote: cfg.name.clone(),
+                reason: why,
+            })?;
+            keep.extend(sig.cloned());
+        }
+        Ok(keep)
+    }
+
+    /// Learns the signing keys of `conn`'s remote endorsed by trusted ones,
+    /// and revocations (nothing for a remote with no trusted keys).
+    ///
+    /// # Errors
+    /// Transport and store failures.
+    pub(super) fn refresh_keys(&self, conn: &Connection) -> Result<()> {
+        let mut cfg = self.remote(conn.name())?;
+        if cfg.keys.is_empty() {
+            return Ok(());
+        }
+        let before = cfg.keys.clone();
+        let added = crate::sign::learn(&mut cfg.keys, &conn.keys()?);
+        for k in &added {
+            tracing::info!(remote = %cfg.name, key = %k, "trusting a new signing key endorsed by a trusted one");
+        }
+        if cfg.keys != before {
+            self.add_remote(&cfg)?;
+        }
+        Ok(())
+    }
+
     /// Fetches the server's versions of `name` this store lacks and moves
     /// the tracking ref; creates the local layer if needed.
     pub(super) fn fetch_versions(
@@ -33,6 +86,10 @@ impl Store {
         let tref = tracking_ref(conn.name(), name);
         let mut versions = Vec::new();
         let mut stats = TransferStats::default();
+        let mut signatures = Vec::new();
+        if crate::sign::signed_kind(info.kind) {
+            self.refresh_keys(conn)?;
+        }
         if let Some(h) = info.head {
             if !self.has_version(h)? {
                 let mut starts = Vec::new();
@@ -48,7 +105,11 @@ impl Store {
                 have.sort_by(|a, b| b.cmp(a));
                 have.truncate(MAX_HAVE);
                 let have: Vec<VersionId> = have.into_iter().map(|(_, id)| id).collect();
-                versions = conn.versions(name, &[h], &have)?;
+                let (got, sigs) = conn.signed_versions(name, &[h], &have)?;
+                versions = got;
+                if crate::sign::signed_kind(info.kind) {
+                    signatures = self.check_pulled(conn, name, &versions, sigs)?;
+                }
                 let ids: HashSet<VersionId> = versions.iter().map(|(id, _)| *id).collect();
                 if !ids.contains(&h) {
                     return Err(Error::InvalidInput(format!(
@@ -93,6 +154,9 @@ impl Store {
         }
         for (_, v) in &versions {
             batch.put_version(v)?;
+        }
+        for sig in &signatures {
+            Store::put_version_sig(&mut batch, sig)?;
         }
         let old = self.ref_target(&tref)?;
         if old != info.head {

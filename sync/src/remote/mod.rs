@@ -48,6 +48,9 @@ pub struct RemoteConfig {
     pub user: Option<String>,
     /// When added, ns since the epoch.
     pub added_ns: i64,
+    /// The server's signing keys this store trusts (see [`crate::sign`]).
+    #[serde(default)]
+    pub keys: Vec<crate::sign::TrustedKey>,
 }
 
 /// A remote as listed: everything but the token.
@@ -140,7 +143,18 @@ impl Store {
         })
     }
 
-    /// Every remote, without tokens.
+    /// Every remote's configuration.
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn remote_configs(&self) -> Result<Vec<RemoteConfig>> {
+        self.records(REMOTE)?
+            .iter()
+            .map(|(name, _)| self.remote(name))
+            .collect()
+    }
+
+    /// Every remote, as listed (no tokens).
     ///
     /// # Errors
     /// Catalog failures.

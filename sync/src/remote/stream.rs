@@ -232,7 +232,7 @@ impl Store {
                 "layer `{layer}` of remote {remote} has no version yet"
             ))
         })?;
-        let history = conn.versions(layer, &[head], &[])?;
+        let (history, sigs) = conn.signed_versions(layer, &[head], &[])?;
         let wanted = if spec == "head" {
             head
         } else {
@@ -258,6 +258,15 @@ impl Store {
                 }
             }
         };
+        if crate::sign::signed_kind(info.kind) {
+            self.refresh_keys(&conn)?;
+            let one: Vec<_> = history
+                .iter()
+                .filter(|(id, _)| *id == wanted)
+                .cloned()
+                .collect();
+            self.check_pulled(&conn, layer, &one, sigs)?;
+        }
         if let Some(done) = load_streamed(self.root(), wanted)? {
             return Ok(done);
         }
