@@ -738,3 +738,69 @@ fn golden_layers_are_signed_and_unsigned_or_foreign_versions_refused() {
     assert_eq!(keys["keys"].as_array().unwrap().len(), 3, "{keys}");
     drop(server);
 }
+
+#[test]
+fn subscriptions_end_on_the_server_and_offline_after_their_grace() {
+    let c = Central::new();
+    let tok = c.user("alice", &[]);
+    let img = c.env.path("os.raw");
+    make_image(&img, 4, 5);
+    for l in ["os/a", "os/b"] {
+        c.env.create(l, "os", "disk");
+        c.env.import(l, &img);
+    }
+    // os/a: ended at the start of 2026; os/b: ends in 20 s, no grace.
+    c.env.ok(&[
+        "layer",
+        "grant",
+        "os/a",
+        "alice",
+        "read",
+        "--until",
+        "2026-01-01",
+    ]);
+    let granted = std::time::Instant::now();
+    let g = c
+        .env
+        .json(&["layer", "grant", "os/b", "alice", "read", "--until", "20s"]);
+    assert!(g["until"].is_string(), "{g}");
+    let (code, err) = c.env.fail(&[
+        "layer", "grant", "os/b", "alice", "read", "--until", "someday",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--until"), "{err}");
+    let server = c.start();
+    let addr = server.addr;
+    let a = Laptop::new("laptop", &server.url(), &tok, &c.certs.ca);
+
+    // The server refuses the ended one, saying why.
+    let (_, err) = a.sync_fails("pull", &["os/a"]);
+    assert!(
+        err.contains("os/a") && err.contains("ended on 2026-01-01"),
+        "{err}"
+    );
+    a.sync("pull", &["os/b"]);
+    a.env.ok(&["disk", "create", "d1", "--base", "os/b"]);
+
+    // Offline past the end: the laptop refuses desktops of it.
+    server.stop();
+    let end = granted + std::time::Duration::from_secs(21);
+    std::thread::sleep(end.saturating_duration_since(std::time::Instant::now()));
+    let (_, err) = a.env.fail(&["disk", "create", "d2", "--base", "os/b"]);
+    assert!(
+        err.contains("subscription to layer `os/b`") && err.contains("renew"),
+        "{err}"
+    );
+
+    // Renewed on the server (with a grace this time): the next sync brings
+    // the laptop the new end, and it works again.
+    c.env.ok(&[
+        "layer", "grant", "os/b", "alice", "read", "--until", "30d", "--grace", "2d",
+    ]);
+    let server = c.start_at(addr);
+    a.sync("pull", &["os/b"]);
+    a.env.ok(&["disk", "create", "d2", "--base", "os/b"]);
+    let grants = c.env.json(&["layer", "grants", "os/b"]);
+    assert_eq!(grants["grants"][0]["grace_secs"], 172_800, "{grants}");
+    drop(server);
+}

@@ -164,6 +164,11 @@ pub struct Grant {
     pub principal: Principal,
     /// What.
     pub permission: Permission,
+    /// The end of the subscription, ns since the epoch (none: no end).
+    pub until_ns: Option<i64>,
+    /// How long past its end a client that could not sync keeps using
+    /// the layer, seconds.
+    pub grace_secs: u64,
 }
 
 /// An authenticated caller.
@@ -491,6 +496,22 @@ impl Store {
     /// # Errors
     /// An unknown layer, user or group, catalog failures.
     pub fn grant(&self, layer: &str, principal: &Principal, permission: Permission) -> Result<()> {
+        self.grant_until(layer, principal, permission, None, 0)
+    }
+
+    /// As [`Store::grant`], ending at `until_ns` (a subscription), with
+    /// `grace_secs` for clients that cannot sync (see [`Grant`]).
+    ///
+    /// # Errors
+    /// An unknown layer, user or group, catalog failures.
+    pub fn grant_until(
+        &self,
+        layer: &str,
+        principal: &Principal,
+        permission: Permission,
+        until_ns: Option<i64>,
+        grace_secs: u64,
+    ) -> Result<()> {
         self.layer(layer)?;
         match principal {
             Principal::User(u) if self.user(u)?.is_none() => {
@@ -501,12 +522,12 @@ impl Store {
             }
             _ => {}
         }
+        let mut value = permission.as_str().to_owned();
+        if let Some(u) = until_ns {
+            value.push_str(&format!(" until={u} grace={grace_secs}"));
+        }
         let mut batch = self.batch()?;
-        batch.put_record(
-            GRANT,
-            &grant_key(layer, principal),
-            permission.as_str().as_bytes(),
-        )?;
+        batch.put_record(GRANT, &grant_key(layer, principal), value.as_bytes())?;
         self.commit(batch)
     }
 
@@ -543,14 +564,30 @@ impl Store {
                 continue;
             }
             let principal = p.parse().map_err(|_| damaged("bad principal"))?;
-            let permission = std::str::from_utf8(&value)
-                .ok()
+            let text = std::str::from_utf8(&value).map_err(|_| damaged("not text"))?;
+            let mut words = text.split(' ');
+            let permission = words
+                .next()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| damaged("bad permission"))?;
+            let (mut until_ns, mut grace_secs) = (None, 0);
+            for w in words {
+                match w.split_once('=') {
+                    Some(("until", v)) => {
+                        until_ns = Some(v.parse().map_err(|_| damaged("bad until"))?);
+                    }
+                    Some(("grace", v)) => {
+                        grace_secs = v.parse().map_err(|_| damaged("bad grace"))?
+                    }
+                    _ => return Err(damaged("unknown field")),
+                }
+            }
             out.push(Grant {
                 layer: l.to_owned(),
                 principal,
                 permission,
+                until_ns,
+                grace_secs,
             });
         }
         Ok(out)
@@ -565,17 +602,73 @@ impl Store {
         if caller.admin || in_own_namespace(&caller.user, layer) {
             return Ok(Some(Permission::Write));
         }
-        let mut best = None;
-        for g in self.grants(Some(layer))? {
-            let applies = match &g.principal {
+        let now = crate::catalog::now_ns();
+        Ok(self
+            .applying_grants(caller, layer)?
+            .iter()
+            .filter(|g| g.until_ns.is_none_or(|u| u > now))
+            .map(|g| g.permission)
+            .max())
+    }
+
+    fn applying_grants(&self, caller: &Caller, layer: &str) -> Result<Vec<Grant>> {
+        Ok(self
+            .grants(Some(layer))?
+            .into_iter()
+            .filter(|g| match &g.principal {
                 Principal::User(u) => *u == caller.user,
                 Principal::Group(name) => caller.groups.iter().any(|c| c == name),
-            };
-            if applies {
-                best = best.max(Some(g.permission));
+            })
+            .collect())
+    }
+
+    /// The subscription `caller` holds on `layer` now: `Some((until_ns,
+    /// grace_secs))` when every grant giving its best permission ends
+    /// (the latest end), `None` when one does not (or for admins and the
+    /// caller's own namespace).
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn subscription(&self, caller: &Caller, layer: &str) -> Result<Option<(i64, u64)>> {
+        if caller.admin || in_own_namespace(&caller.user, layer) {
+            return Ok(None);
+        }
+        let now = crate::catalog::now_ns();
+        let live: Vec<Grant> = self
+            .applying_grants(caller, layer)?
+            .into_iter()
+            .filter(|g| g.until_ns.is_none_or(|u| u > now))
+            .collect();
+        let Some(best) = live.iter().map(|g| g.permission).max() else {
+            return Ok(None);
+        };
+        let top = live.iter().filter(|g| g.permission == best);
+        let mut end: Option<(i64, u64)> = None;
+        for g in top {
+            match g.until_ns {
+                None => return Ok(None),
+                Some(u) => {
+                    if end.is_none_or(|(e, _)| u > e) {
+                        end = Some((u, g.grace_secs));
+                    }
+                }
             }
         }
-        Ok(best)
+        Ok(end)
+    }
+
+    /// When `caller`'s subscription to `layer` ended, if every grant that
+    /// applied has ended (for the server's refusal).
+    ///
+    /// # Errors
+    /// Catalog failures.
+    pub fn ended_subscription(&self, caller: &Caller, layer: &str) -> Result<Option<i64>> {
+        let now = crate::catalog::now_ns();
+        let grants = self.applying_grants(caller, layer)?;
+        if grants.is_empty() || grants.iter().any(|g| g.until_ns.is_none_or(|u| u > now)) {
+            return Ok(None);
+        }
+        Ok(grants.iter().filter_map(|g| g.until_ns).max())
     }
 
     /// Removes every grant on `layer` (when the layer goes).

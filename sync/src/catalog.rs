@@ -654,3 +654,9 @@ impl Batch<'_> {
         Ok(())
     }
 }
+
+/// RFC 3339 UTC time (seconds) of nanoseconds since the epoch.
+pub fn rfc3339(ns: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}

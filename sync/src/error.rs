@@ -233,6 +233,19 @@ pub enum Error {
         /// What is wrong, naming the version and the key.
         reason: String,
     },
+    /// A layer whose subscription ended (and its grace with it) since the
+    /// last sync with its remote.
+    #[error("the subscription to layer `{layer}` from remote {remote} ended on {until} (grace {grace_secs} s): sync with {remote} to renew it")]
+    SubscriptionEnded {
+        /// Layer name.
+        layer: String,
+        /// The remote.
+        remote: String,
+        /// When it ended, RFC 3339.
+        until: String,
+        /// The grace the admin gave, seconds.
+        grace_secs: u64,
+    },
     /// A remote server could not be reached, or the connection broke.
     #[error("remote {remote}: {reason}")]
     RemoteUnreachable {
@@ -306,7 +319,7 @@ impl Error {
             Error::RefConflict { .. } => ErrorKind::Conflict,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::RemoteUnreachable { .. } => ErrorKind::Unreachable,
-            Error::Unsigned { .. } => ErrorKind::Denied,
+            Error::Unsigned { .. } | Error::SubscriptionEnded { .. } => ErrorKind::Denied,
             Error::RemoteRefused { status, .. } => match status {
                 401 | 403 => ErrorKind::Denied,
                 404 => ErrorKind::NotFound,

@@ -62,6 +62,12 @@ pub struct LayerInfo {
     pub policy: ConflictPolicy,
     /// What the caller may do.
     pub permission: Permission,
+    /// When the caller's subscription to it ends (none: it does not).
+    #[serde(default)]
+    pub until_ns: Option<i64>,
+    /// How long past that end a client that cannot sync may still use it.
+    #[serde(default)]
+    pub grace_secs: u64,
 }
 
 /// `POST /versions/LAYER`: the versions reachable from `want` that are not

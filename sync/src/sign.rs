@@ -384,14 +384,17 @@ impl Store {
         )
     }
 
-    /// Refuses `version` of `layer` unless it is signed by a trusted,
+    /// Whether `version` of `layer` may be mounted, booted or put under a
+    /// disk: its subscription has not ended
+    /// ([`Store::check_subscription`]), and it is signed by a trusted,
     /// unrevoked key of every remote with trusted keys it is tracked from
-    /// (`os` and `group` layers; others always pass).
+    /// (`os` and `group` layers; others need no signature).
     ///
     /// # Errors
-    /// [`Error::Unsigned`] naming the layer, the version and the key;
-    /// store failures.
+    /// [`Error::SubscriptionEnded`]; [`Error::Unsigned`] naming the layer,
+    /// the version and the key; store failures.
     pub fn check_signed(&self, layer: &Layer, version: VersionId) -> Result<()> {
+        self.check_subscription(&layer.name)?;
         if !signed_kind(layer.kind) {
             return Ok(());
         }

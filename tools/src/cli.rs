@@ -158,6 +158,14 @@ pub enum LayerCommand {
         principal: String,
         /// read or write
         permission: String,
+        /// The subscription ends then: a date (2027-06-30), a time
+        /// (2027-06-30T18:00:00Z) or a duration from now (90d)
+        #[arg(long)]
+        until: Option<String>,
+        /// How long past its end a client that cannot sync keeps using the
+        /// layer (e.g. 3d) [default: 0]
+        #[arg(long, requires = "until")]
+        grace: Option<String>,
     },
     /// Take a user's or group's grant on a layer away
     Revoke {

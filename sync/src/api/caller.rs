@@ -71,6 +71,13 @@ impl ApiState {
         let store = self.gate.read()?;
         let have = store.permission(caller, name)?;
         if have.is_none_or(|h| h < need) {
+            if let Some(end) = store.ended_subscription(caller, name)? {
+                return Err(ApiError::Forbidden(format!(
+                    "the subscription of user `{}` to layer `{name}` ended on {}",
+                    caller.user,
+                    crate::catalog::rfc3339(end)
+                )));
+            }
             return Err(ApiError::Forbidden(format!(
                 "user `{}` may not {} layer `{name}`",
                 caller.user,

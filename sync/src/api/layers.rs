@@ -20,10 +20,14 @@ const MAX_VERSIONS: usize = 50_000;
 
 pub(super) fn info(
     store: &Store,
+    caller: &crate::Caller,
     layer: &Layer,
     permission: Permission,
 ) -> crate::Result<LayerInfo> {
+    let sub = store.subscription(caller, &layer.name)?;
     Ok(LayerInfo {
+        until_ns: sub.map(|(u, _)| u),
+        grace_secs: sub.map_or(0, |(_, g)| g),
         name: layer.name.clone(),
         id: layer.id,
         kind: layer.kind,
@@ -51,7 +55,7 @@ pub(super) async fn list(
         let mut out = Vec::new();
         for l in store.layers()? {
             if let Some(p) = store.permission(&c, &l.name)? {
-                out.push(info(&store, &l, p)?);
+                out.push(info(&store, &c, &l, p)?);
             }
         }
         Ok(Json(out))
@@ -68,7 +72,7 @@ pub(super) async fn show(
         let layer = st.require_layer(&c, &name, Permission::Read)?;
         let store = st.gate.read()?;
         let p = store.permission(&c, &name)?.unwrap_or(Permission::Read);
-        Ok(Json(info(&store, &layer, p)?))
+        Ok(Json(info(&store, &c, &layer, p)?))
     })
     .await
 }

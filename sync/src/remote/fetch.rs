@@ -163,6 +163,16 @@ impl Store {
             batch.move_ref(&tref, old, info.head, "fetch")?;
         }
         self.track(&mut batch, conn.name(), name)?;
+        Store::put_subscription(
+            &mut batch,
+            conn.name(),
+            name,
+            &super::Subscription {
+                until_ns: info.until_ns,
+                grace_secs: info.grace_secs,
+                checked_ns: now_ns(),
+            },
+        )?;
         self.commit(batch)?;
         Ok((versions.len() as u64, stats))
     }

@@ -32,6 +32,19 @@ pub use sync::{Action, LayerReport, Mode, SyncOptions};
 
 const REMOTE: &str = "remote";
 const TRACKING: &str = "tracking";
+/// Catalog record kind of subscriptions as last seen (remote\0layer).
+const SUBSCRIPTION: &str = "subscription";
+
+/// A subscription as the server last told it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// Its end, ns since the epoch (none: no end).
+    pub until_ns: Option<i64>,
+    /// Grace past the end, seconds.
+    pub grace_secs: u64,
+    /// When the server said so, ns since the epoch.
+    pub checked_ns: i64,
+}
 
 /// A server this store syncs with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +154,50 @@ impl Store {
             what: format!("{REMOTE} {name}"),
             reason: e.to_string(),
         })
+    }
+
+    /// Records what the server said of `layer`'s subscription (in `batch`).
+    pub(crate) fn put_subscription(
+        batch: &mut crate::catalog::Batch<'_>,
+        remote: &str,
+        layer: &str,
+        sub: &Subscription,
+    ) -> Result<()> {
+        // Plain data always serialises.
+        #[allow(clippy::expect_used)]
+        let bytes = serde_json::to_vec(sub).expect("subscription serialises");
+        batch.put_record(SUBSCRIPTION, &tracking_key(remote, layer), &bytes)
+    }
+
+    /// Refuses `layer` if a remote it is tracked from said its subscription
+    /// ends, and that end and its grace have passed since.
+    ///
+    /// # Errors
+    /// [`Error::SubscriptionEnded`]; catalog failures.
+    pub fn check_subscription(&self, layer: &str) -> Result<()> {
+        let now = now_ns();
+        for r in self.remote_configs()? {
+            let Some(b) = self.record(SUBSCRIPTION, &tracking_key(&r.name, layer))? else {
+                continue;
+            };
+            let sub: Subscription =
+                serde_json::from_slice(&b).map_err(|e| Error::RecordCorrupt {
+                    what: format!("{SUBSCRIPTION} {layer}"),
+                    reason: e.to_string(),
+                })?;
+            if let Some(u) = sub.until_ns {
+                let grace = i64::try_from(sub.grace_secs).unwrap_or(i64::MAX / 2) * 1_000_000_000;
+                if now > u.saturating_add(grace) {
+                    return Err(Error::SubscriptionEnded {
+                        layer: layer.to_owned(),
+                        remote: r.name.clone(),
+                        until: crate::catalog::rfc3339(u),
+                        grace_secs: sub.grace_secs,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every remote's configuration.

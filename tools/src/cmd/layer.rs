@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::cli::{Cli, CreateArgs, ExportArgs, ImportArgs, LayerCommand};
 use crate::cmd::{default_author, open};
-use crate::output::{bytes, bytes as bytes_h, time, NotFound, Out};
+use crate::output::{bytes, bytes as bytes_h, time, NotFound, Out, UsageError};
 use crate::progress::Bar;
 
 pub fn run(cli: &Cli, out: &Out, c: &LayerCommand) -> anyhow::Result<ExitCode> {
@@ -28,7 +28,17 @@ pub fn run(cli: &Cli, out: &Out, c: &LayerCommand) -> anyhow::Result<ExitCode> {
             layer,
             principal,
             permission,
-        } => grant(cli, out, layer, principal, permission),
+            until,
+            grace,
+        } => grant(
+            cli,
+            out,
+            layer,
+            principal,
+            permission,
+            until.as_deref(),
+            grace.as_deref(),
+        ),
         LayerCommand::Revoke { layer, principal } => revoke(cli, out, layer, principal),
         LayerCommand::Grants { layer } => grants(cli, out, layer.as_deref()),
         LayerCommand::Set { name, conflict } => set(cli, out, name, conflict),
@@ -263,20 +273,61 @@ fn rm(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<()> {
     })
 }
 
+/// `--until`: a date, a time (RFC 3339, UTC) or a duration from now.
+fn parse_until(s: &str) -> anyhow::Result<i64> {
+    let now = lamina_sync::now_ns();
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(now.saturating_add(i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)));
+    }
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_owned()
+    };
+    let t = humantime::parse_rfc3339_weak(full.trim_end_matches('Z')).map_err(|e| {
+        UsageError(format!(
+            "bad --until `{s}`: {e} (a date 2027-06-30, a time 2027-06-30T18:00:00Z or a duration 90d)"
+        ))
+    })?;
+    let ns = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| UsageError(format!("--until `{s}` is before 1970")))?
+        .as_nanos();
+    Ok(i64::try_from(ns).unwrap_or(i64::MAX))
+}
+
 fn grant(
     cli: &Cli,
     out: &Out,
     layer: &str,
     principal: &str,
     permission: &str,
+    until: Option<&str>,
+    grace: Option<&str>,
 ) -> anyhow::Result<()> {
     let p: Principal = principal.parse()?;
     let perm: Permission = permission.parse()?;
+    let until_ns = until.map(parse_until).transpose()?;
+    let grace_secs = match grace {
+        Some(g) => humantime::parse_duration(g)
+            .map_err(|e| UsageError(format!("bad --grace `{g}`: {e} (e.g. 3d, 12h)")))?
+            .as_secs(),
+        None => 0,
+    };
     let store = open(cli, out, Access::Write)?;
-    store.grant(layer, &p, perm)?;
+    store.grant_until(layer, &p, perm, until_ns, grace_secs)?;
     out.result(
-        &json!({ "layer": layer, "principal": p.to_string(), "permission": perm }),
-        || format!("{p} may {perm} {layer}"),
+        &json!({
+            "layer": layer,
+            "principal": p.to_string(),
+            "permission": perm,
+            "until": until_ns.map(time),
+            "grace_secs": grace_secs,
+        }),
+        || match until_ns {
+            Some(u) => format!("{p} may {perm} {layer} until {}", time(u)),
+            None => format!("{p} may {perm} {layer}"),
+        },
     )
 }
 
@@ -299,13 +350,17 @@ fn grants(cli: &Cli, out: &Out, layer: Option<&str>) -> anyhow::Result<()> {
     }
     let grants = store.grants(layer)?;
     out.result(&json!({ "grants": grants }), || {
-        let mut s = format!("{:<32} {:<20} {}\n", "LAYER", "WHO", "PERMISSION");
+        let mut s = format!(
+            "{:<32} {:<20} {:<10} {}\n",
+            "LAYER", "WHO", "PERMISSION", "UNTIL"
+        );
         for g in &grants {
             s.push_str(&format!(
-                "{:<32} {:<20} {}\n",
+                "{:<32} {:<20} {:<10} {}\n",
                 g.layer,
                 g.principal.to_string(),
-                g.permission
+                g.permission.to_string(),
+                g.until_ns.map_or_else(|| "-".to_owned(), time)
             ));
         }
         s
