@@ -804,3 +804,56 @@ fn subscriptions_end_on_the_server_and_offline_after_their_grace() {
     assert_eq!(grants["grants"][0]["grace_secs"], 172_800, "{grants}");
     drop(server);
 }
+
+#[test]
+fn a_new_os_version_reaches_the_laptop_on_sync_unless_it_is_pinned() {
+    let c = Central::new();
+    let tok = c.user("alice", &[]);
+    let img = c.env.path("os.raw");
+    make_image(&img, 4, 21);
+    c.env.create("os/x", "os", "disk");
+    c.env.import("os/x", &img);
+    c.env.ok(&["layer", "grant", "os/x", "alice", "read"]);
+    let server = c.start();
+    let addr = server.addr;
+    let a = Laptop::new("laptop", &server.url(), &tok, &c.certs.ca);
+    a.sync("pull", &["os/x"]);
+    let head = |env: &Env| {
+        env.json(&["layer", "log", "os/x"])["versions"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let v1 = head(&a.env);
+    a.env.ok(&["layer", "pin", "os/x", &v1[..12]]);
+    let pins = a.env.json(&["layer", "pins"]);
+    assert_eq!(pins["pins"][0]["version"], v1.as_str(), "{pins}");
+
+    // The admin's new version arrives with the next sync...
+    server.stop();
+    make_image(&img, 4, 22);
+    c.env.import("os/x", &img);
+    let server = c.start_at(addr);
+    a.sync("sync", &[]);
+    let v2 = head(&a.env);
+    assert_ne!(v1, v2, "the new version was fetched");
+    assert_eq!(v2, head(&c.env));
+    // ...but the pinned laptop's new desktops stay on the old one,
+    let base = |disk: &str| {
+        a.env.json(&["disk", "show", disk])["base"]["version"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    a.env.ok(&["disk", "create", "held", "--base", "os/x"]);
+    assert_eq!(base("held"), v1);
+    // until it lets go.
+    let u = a.env.json(&["layer", "unpin", "os/x"]);
+    assert_eq!(u["was"], v1.as_str(), "{u}");
+    a.env.ok(&["disk", "create", "new", "--base", "os/x"]);
+    assert_eq!(base("new"), v2);
+    let (code, err) = a.env.fail(&["layer", "pin", "os/x", "ffffffffffff"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("ffffffffffff"), "{err}");
+    drop(server);
+}

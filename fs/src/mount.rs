@@ -291,7 +291,8 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
         })?;
         let version = match s.pin {
             Some(v) => Some(v),
-            None => heads[i],
+            // `lamina layer pin` holds this store on a version.
+            None => store.layer_pin(&s.layer)?.or(heads[i]),
         };
         if let Some(v) = version {
             // A golden layer from a signing remote must carry its signature.

@@ -82,6 +82,7 @@ mod import;
 mod layer;
 pub mod manifest;
 pub mod merge;
+mod pin;
 mod policy;
 mod progress;
 pub mod protocol;

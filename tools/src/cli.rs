@@ -179,6 +179,22 @@ pub enum LayerCommand {
         /// Layer name
         layer: Option<String>,
     },
+    /// Hold this store on a version of a layer: mounts and new disks use it
+    /// instead of the head (sync still fetches newer ones)
+    Pin {
+        /// Layer name
+        layer: String,
+        /// Version (id or prefix, head, head~N)
+        #[arg(value_name = "VERSION")]
+        at: String,
+    },
+    /// Release a pin: mounts and new disks follow the head again
+    Unpin {
+        /// Layer name
+        layer: String,
+    },
+    /// List pins
+    Pins,
     /// Change a layer's settings
     Set {
         /// Layer name
@@ -763,4 +779,16 @@ pub struct TemplateCreateArgs {
     /// auto (KVM if it works here, else TCG), kvm or tcg
     #[arg(long, default_value = "auto")]
     pub accel: String,
+}
+
+#[cfg(test)]
+mod tests {
+    /// Clap checks the whole grammar (names used twice, bad defaults) only
+    /// when a command is built: do it for every command here, not at a
+    /// user's first run of one.
+    #[test]
+    fn the_grammar_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

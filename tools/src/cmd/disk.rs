@@ -107,7 +107,14 @@ fn create(
         Some(b) => {
             let (layer, spec) = split_layer_spec(b);
             let layer = store.layer(layer)?;
-            let version = store.resolve(&layer, spec.unwrap_or("head"))?;
+            let version = match spec {
+                Some(spec) => store.resolve(&layer, spec)?,
+                // The pinned version if `lamina layer pin` holds one.
+                None => match store.layer_pin(&layer.name)? {
+                    Some(v) => v,
+                    None => store.resolve(&layer, "head")?,
+                },
+            };
             Some((layer, version))
         }
         None => None,

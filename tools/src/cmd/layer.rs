@@ -42,6 +42,38 @@ pub fn run(cli: &Cli, out: &Out, c: &LayerCommand) -> anyhow::Result<ExitCode> {
         LayerCommand::Revoke { layer, principal } => revoke(cli, out, layer, principal),
         LayerCommand::Grants { layer } => grants(cli, out, layer.as_deref()),
         LayerCommand::Set { name, conflict } => set(cli, out, name, conflict),
+        LayerCommand::Pin { layer, at } => {
+            let store = open(cli, out, Access::Write)?;
+            let l = store.layer(layer)?;
+            let v = store.resolve(&l, at)?;
+            store.pin_layer(layer, v)?;
+            out.result(&json!({ "layer": layer, "version": v }), || {
+                format!("{layer} is held at {}", v.short())
+            })
+        }
+        LayerCommand::Unpin { layer } => {
+            let store = open(cli, out, Access::Write)?;
+            let was = store.unpin_layer(layer)?;
+            out.result(&json!({ "layer": layer, "was": was }), || match was {
+                Some(v) => format!("{layer} follows its head again (was held at {})", v.short()),
+                None => format!("{layer} was not pinned"),
+            })
+        }
+        LayerCommand::Pins => {
+            let store = open(cli, out, Access::Read)?;
+            let pins = store.layer_pins()?;
+            let rows: Vec<_> = pins
+                .iter()
+                .map(|(l, v)| json!({ "layer": l, "version": v }))
+                .collect();
+            out.result(&json!({ "pins": rows }), || {
+                let mut s = format!("{:<32} {}\n", "LAYER", "VERSION");
+                for (l, v) in &pins {
+                    s.push_str(&format!("{l:<32} {}\n", v.short()));
+                }
+                s
+            })
+        }
     }?;
     Ok(ExitCode::SUCCESS)
 }
