@@ -390,6 +390,21 @@ pub fn open(
     ))
 }
 
+/// Refuses a local base whose layer's subscription ended or whose golden
+/// version lacks a trusted signature (see [`Store::check_signed`]). A base
+/// whose layer was removed since has nothing left to check.
+///
+/// # Errors
+/// [`lamina_sync::Error::Unsigned`], [`lamina_sync::Error::SubscriptionEnded`],
+/// store failures.
+pub fn check_base(store: &Store, b: &DiskBase) -> Result<()> {
+    match store.layer(&b.layer) {
+        Ok(l) => Ok(store.check_signed(&l, b.version)?),
+        Err(lamina_sync::Error::LayerNotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Opens the base of `rec` (with its cluster cache).
 ///
 /// # Errors
@@ -403,7 +418,7 @@ pub fn open_base(store: &Arc<Store>, rec: &DiskRecord) -> Result<Option<Arc<Laye
             &cache_dir(store),
         )?))),
         Some(b) => {
-            store.check_signed(&store.layer(&b.layer)?, b.version)?;
+            check_base(store, b)?;
             Ok(Some(Arc::new(LayerImage::open(
                 store.clone(),
                 b.version,

@@ -111,8 +111,7 @@ impl StoreExports {
                 if !streaming {
                     // A golden layer from a signing remote must carry its
                     // signature (a streamed one was checked when created).
-                    self.store
-                        .check_signed(&self.store.layer(&b.layer)?, b.version)?;
+                    disk::check_base(&self.store, b)?;
                 }
                 Some(self.base(b.version, streaming)?)
             }
