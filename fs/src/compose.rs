@@ -14,8 +14,7 @@
 //! in. A slot pinned to a version is read-only, and the ref
 //! `compose/<name>/<slot>` keeps that version from gc.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use lamina_sync::{now_ns, LayerFormat, LayerKind, Store, VersionId};
@@ -381,9 +380,5 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
 
 /// Writes `bytes` to `path` through a temporary file and a rename, synced.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).ctx(&tmp, "create")?;
-    f.write_all(bytes).ctx(&tmp, "write")?;
-    f.sync_all().ctx(&tmp, "sync")?;
-    fs::rename(&tmp, path).ctx(path, "rename into place")
+    Ok(lamina_sync::write_atomic(path, bytes)?)
 }

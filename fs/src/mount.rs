@@ -296,7 +296,7 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
         };
         if let Some(v) = version {
             // A golden layer from a signing remote must carry its signature.
-            store.check_signed(&layer, v)?;
+            store.check_usable(&layer, v)?;
         }
         let root_node = match version {
             Some(v) => match store.root_of(v)? {

@@ -253,7 +253,7 @@ pub fn create(
                 )));
             }
             // A golden layer from a signing remote must carry its signature.
-            store.check_signed(layer, version)?;
+            store.check_usable(layer, version)?;
             let size = match store.root_of(version)? {
                 Root::Disk(d) => d.size,
                 Root::Tree { .. } => {
@@ -391,7 +391,7 @@ pub fn open(
 }
 
 /// Refuses a local base whose layer's subscription ended or whose golden
-/// version lacks a trusted signature (see [`Store::check_signed`]). A base
+/// version lacks a trusted signature (see [`Store::check_usable`]). A base
 /// whose layer was removed since has nothing left to check.
 ///
 /// # Errors
@@ -399,7 +399,7 @@ pub fn open(
 /// store failures.
 pub fn check_base(store: &Store, b: &DiskBase) -> Result<()> {
     match store.layer(&b.layer) {
-        Ok(l) => Ok(store.check_signed(&l, b.version)?),
+        Ok(l) => Ok(store.check_usable(&l, b.version)?),
         Err(lamina_sync::Error::LayerNotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }

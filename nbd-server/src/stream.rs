@@ -145,7 +145,7 @@ pub fn status(store: &lamina_sync::Store, v: VersionId) -> PrefetchState {
     if lamina_sync::now_ns().saturating_sub(s.at_ns) > 5_000_000_000 {
         s.rate_bytes_s = 0.0;
     }
-    if let Ok(Some((meta, _))) = lamina_sync::remote::load_streamed(store.root(), v) {
+    if let Ok(Some(meta)) = lamina_sync::remote::streamed_meta(store.root(), v) {
         s.total_clusters = meta.chunks;
     }
     let present = crate::disk::cache_dir(store).join(format!("{}.present", v.to_hex()));

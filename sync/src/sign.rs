@@ -393,7 +393,7 @@ impl Store {
     /// # Errors
     /// [`Error::SubscriptionEnded`]; [`Error::Unsigned`] naming the layer,
     /// the version and the key; store failures.
-    pub fn check_signed(&self, layer: &Layer, version: VersionId) -> Result<()> {
+    pub fn check_usable(&self, layer: &Layer, version: VersionId) -> Result<()> {
         self.check_subscription(&layer.name)?;
         if !signed_kind(layer.kind) {
             return Ok(());

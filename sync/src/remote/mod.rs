@@ -25,8 +25,8 @@ use crate::store::Store;
 pub use conn::{ConnectOptions, Connection};
 pub use status::{QueuedLayer, SyncState, SyncStatus};
 pub use stream::{
-    load_streamed, remove_streamed, stream_dir, FetchCounters, RemoteChunks, StreamNodes,
-    StreamedVersion,
+    load_streamed, remove_streamed, stream_dir, streamed_meta, FetchCounters, RemoteChunks,
+    StreamNodes, StreamedVersion,
 };
 pub use sync::{Action, LayerReport, Mode, SyncOptions};
 

@@ -17,7 +17,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +32,7 @@ use crate::layer::LayerFormat;
 use crate::manifest::{Node, NodeSource, Root};
 use crate::store::Store;
 use crate::transfer::{wire, NODE_BATCH};
+use crate::write_atomic;
 
 /// Most bytes of a node file read back (a 2 TiB disk's radix is ~20 MiB).
 const MAX_NODES_BYTES: u64 = 256 << 20;
@@ -100,6 +100,26 @@ impl StreamNodes {
     }
 }
 
+/// What was streamed for `version`, without its nodes (cheap: for
+/// listings).
+///
+/// # Errors
+/// A file that cannot be read or parsed.
+pub fn streamed_meta(store_root: &Path, version: VersionId) -> Result<Option<StreamedVersion>> {
+    let mp = meta_path(store_root, version);
+    let meta = match std::fs::read(&mp) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&mp, "read", e)),
+    };
+    serde_json::from_slice(&meta)
+        .map(Some)
+        .map_err(|e| Error::RecordCorrupt {
+            what: mp.display().to_string(),
+            reason: e.to_string(),
+        })
+}
+
 /// Reads what `lamina disk create --stream` fetched for `version`, if it
 /// did; every node is checked against its id.
 ///
@@ -109,17 +129,9 @@ pub fn load_streamed(
     store_root: &Path,
     version: VersionId,
 ) -> Result<Option<(StreamedVersion, StreamNodes)>> {
-    let mp = meta_path(store_root, version);
-    let meta = match std::fs::read(&mp) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&mp, "read", e)),
+    let Some(meta) = streamed_meta(store_root, version)? else {
+        return Ok(None);
     };
-    let meta: StreamedVersion =
-        serde_json::from_slice(&meta).map_err(|e| Error::RecordCorrupt {
-            what: mp.display().to_string(),
-            reason: e.to_string(),
-        })?;
     let np = nodes_path(store_root, version);
     let len = std::fs::metadata(&np)
         .map_err(|e| Error::io(&np, "stat", e))?
@@ -182,21 +194,6 @@ pub fn remove_streamed(store_root: &Path, version: VersionId) -> Result<()> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&p, "remove", e)),
-        }
-    }
-    Ok(())
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| Error::io(&tmp, "write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
         }
     }
     Ok(())
