@@ -18,11 +18,11 @@ use serde::Serialize;
 use crate::backend::ReclaimStats;
 use crate::catalog::now_ns;
 use crate::error::{Error, Result};
-use crate::id::ChunkId;
+use crate::id::{ChunkId, VersionId};
 use crate::import::{cache_entry_chunks, CacheEntry};
 use crate::progress::Progress;
 use crate::reach::{roots, Reach, Visitor, Where};
-use crate::store::keys::{CF_FILECACHE, CF_REFLOG};
+use crate::store::keys::{CF_FILECACHE, CF_REFLOG, CF_VERSIONS};
 use crate::store::{cf, Access, Store};
 
 /// How to collect.
@@ -42,6 +42,9 @@ pub struct GcReport {
     pub reflog_expired: u64,
     /// Versions reachable.
     pub versions_reachable: u64,
+    /// Version records removed (no ref, reflog entry or descendant kept
+    /// them): their manifests go too, so a later pull fetches them again.
+    pub versions_removed: u64,
     /// Chunks (data and manifest nodes) in the store before.
     pub chunks_total: u64,
     /// Chunks reachable.
@@ -113,8 +116,28 @@ impl Store {
             Ok(())
         })?;
         report.chunks_removed = dead.len() as u64;
+        let versions = cf(&self.db, CF_VERSIONS)?;
+        let mut dead_versions = WriteBatch::default();
+        for item in self.db.iterator_cf(versions, IteratorMode::Start) {
+            let (k, _) = item.map_err(|source| Error::Db {
+                path: self.root().join("catalog"),
+                op: "read versions".into(),
+                source,
+            })?;
+            let known = VersionId::from_slice(&k).is_some_and(|v| reach.versions.contains(&v));
+            if !known {
+                dead_versions.delete_cf(versions, &k);
+                report.versions_removed += 1;
+            }
+        }
         if opts.dry_run {
             return Ok(report);
+        }
+        // The records go before their manifests: a crash between leaves
+        // unreachable chunks (the next gc takes them), never a version
+        // whose manifest is gone.
+        if report.versions_removed > 0 {
+            self.write_synced(dead_versions, "remove unreachable versions")?;
         }
         report.cache_entries_dropped = self.prune_cache(&reach.chunks)?;
         for batch in dead.chunks(16 * 1024) {
