@@ -378,6 +378,74 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Re-stacks composition `name` on another `os` layer (hotelling): the
+/// other slots and their pending changes stay. A pinned `os` slot is
+/// pinned to the new layer's current version (its pin, else its head); a
+/// slot following the head follows the new layer's head. Refused while the
+/// composition is mounted, and when the `os` slot has pending changes of
+/// its own (they were made against the old layer).
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::Mounted`], [`Error::Invalid`] (no `os`
+/// slot, a layer that is not an `os` tree layer or has no version, pending
+/// changes in the slot), [`Error::Rules`], store failures.
+pub fn switch_os(store: &Store, name: &str, layer: &str) -> Result<Composition> {
+    let mut comp = get(store, name)?;
+    let _lock = crate::mount::lock_unmounted(store.root(), &comp, "unmount it first")?;
+    let new = store.layer(layer).map_err(|e| match e {
+        lamina_sync::Error::LayerNotFound { name } => Error::Invalid(format!(
+            "layer {name} is not cached here (lamina hotel add REMOTE:{name} first)"
+        )),
+        other => other.into(),
+    })?;
+    if new.format != LayerFormat::Tree || new.kind != LayerKind::Os {
+        return Err(Error::Invalid(format!(
+            "layer {} is a {} {} layer; a composition's os slot takes an os tree layer",
+            new.name, new.kind, new.format
+        )));
+    }
+    let Some(i) = comp.slots.iter().position(|s| s.kind == LayerKind::Os) else {
+        return Err(Error::Invalid(format!(
+            "composition {name} has no os layer to switch"
+        )));
+    };
+    let old = comp.slots[i].clone();
+    if old.layer == new.name {
+        return Ok(comp);
+    }
+    if old.writable() {
+        let upper = comp.upper_dir(store.root(), i);
+        let pending = fs::read_dir(&upper)
+            .ctx(&upper, "read the os slot's pending changes")?
+            .next()
+            .is_some();
+        if pending {
+            return Err(Error::Invalid(format!(
+                "the os slot of {name} ({}) has pending changes: commit or reset them before switching",
+                old.layer
+            )));
+        }
+    }
+    let current = store
+        .current(&new)?
+        .ok_or_else(|| Error::Invalid(format!("layer {} has no version yet", new.name)))?;
+    store.check_usable(&new, current)?;
+    let pin = old.pin.map(|_| current);
+    comp.slots[i] = Slot {
+        kind: LayerKind::Os,
+        layer: new.name.clone(),
+        pin,
+    };
+    comp.compiled_rules()?;
+    let mut batch = store.batch()?;
+    batch.put_record(RECORD_KIND, name, &comp.encode())?;
+    if old.pin != pin {
+        batch.move_ref(&pin_ref(name, i), old.pin, pin, "hotel switch")?;
+    }
+    store.commit(batch)?;
+    Ok(comp)
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, synced.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(lamina_sync::write_atomic(path, bytes)?)

@@ -47,6 +47,7 @@ pub mod error;
 pub mod export;
 pub mod proto;
 pub mod qcow;
+pub mod rebase;
 pub mod server;
 pub mod session;
 pub mod source;

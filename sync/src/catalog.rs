@@ -471,8 +471,14 @@ impl Store {
     /// # Errors
     /// [`Error::LayerNotFound`], catalog failures.
     pub fn remove_layer(&self, name: &str) -> Result<()> {
-        let layer = self.layer(name)?;
         let mut batch = self.batch()?;
+        self.remove_layer_in(&mut batch, name)?;
+        self.commit(batch)
+    }
+
+    /// [`Store::remove_layer`] as part of `batch`.
+    pub(crate) fn remove_layer_in(&self, batch: &mut Batch<'_>, name: &str) -> Result<()> {
+        let layer = self.layer(name)?;
         batch
             .inner
             .delete_cf(cf(&self.db, CF_LAYERS)?, name.as_bytes());
@@ -486,9 +492,19 @@ impl Store {
         if let Some(end) = prefix_end(&start) {
             batch.inner.delete_range_cf(fc, start, end);
         }
-        self.drop_grants(&mut batch, name)?;
-        self.drop_policy(&mut batch, name)?;
-        self.commit(batch)
+        self.drop_grants(batch, name)?;
+        self.drop_policy(batch, name)
+    }
+
+    /// Drops every reflog entry of ref `name` (in `batch`, after any move
+    /// of it that the batch journals), so gc no longer keeps what they name.
+    pub(crate) fn drop_reflog_in(&self, batch: &mut Batch<'_>, name: &str) -> Result<()> {
+        let reflog = cf(&self.db, CF_REFLOG)?;
+        let start = reflog_prefix(name);
+        if let Some(end) = prefix_end(&start) {
+            batch.inner.delete_range_cf(reflog, start, end);
+        }
+        Ok(())
     }
 }
 

@@ -78,6 +78,7 @@ mod failpoint;
 mod fsck;
 mod fsio;
 mod gc;
+pub mod hotel;
 mod id;
 mod import;
 mod layer;
@@ -99,7 +100,7 @@ pub use auth::{
     TokenInfo, User,
 };
 pub use backend::{BackendProblem, BackendStats, ChunkBackend, ReclaimStats};
-pub use catalog::{now_ns, Batch, ReflogEntry};
+pub use catalog::{now_ns, rfc3339, Batch, ReflogEntry};
 pub use changes::Diff;
 pub use error::{Error, ErrorKind, Result};
 pub use export::{ExportOptions, ExportReport};

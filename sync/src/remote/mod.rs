@@ -276,6 +276,16 @@ impl Store {
             now_ns().to_string().as_bytes(),
         )
     }
+
+    /// Records that `layer` is no longer tracked from `remote` (in `batch`).
+    pub(crate) fn untrack(
+        &self,
+        batch: &mut crate::Batch<'_>,
+        remote: &str,
+        layer: &str,
+    ) -> Result<()> {
+        batch.delete_record(TRACKING, &tracking_key(remote, layer))
+    }
 }
 
 #[cfg(test)]

@@ -204,6 +204,13 @@ fn spawn_daemon(cli: &Cli, out: &Out, a: &MountArgs) -> anyhow::Result<ExitCode>
         let comp = compose::get(&store, &a.name)?;
         comp.dir(store.root()).join("daemon.log")
     };
+    crate::cmd::hotel::touch(cli, out, |store| {
+        Ok(compose::get(store, &a.name)?
+            .slots
+            .into_iter()
+            .map(|s| s.layer)
+            .collect())
+    });
     let log_file = OpenOptions::new()
         .create(true)
         .append(true)

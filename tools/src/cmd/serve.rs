@@ -33,6 +33,12 @@ pub fn run(cli: &Cli, out: &Out, a: &ServeArgs) -> anyhow::Result<ExitCode> {
             (e, Box::new(move || c.close_all()))
         }
         None => {
+            crate::cmd::hotel::touch(cli, out, |store| {
+                Ok(lamina_nbd::disk::list(store)?
+                    .into_iter()
+                    .filter_map(|d| d.base.map(|b| b.layer))
+                    .collect())
+            });
             let store = Arc::new(open(cli, out, Access::Serve)?);
             let e = Arc::new(StoreExports::new(store, a.read_only).prefetch(!a.no_prefetch));
             let c = e.clone();
