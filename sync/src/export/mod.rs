@@ -100,6 +100,85 @@ fn sync_parent(path: &Path) -> Result<()> {
 }
 
 impl Store {
+    /// Exports what lies at `path` (a file, or a directory and everything
+    /// below it) in tree version `version` to `dest`, which must not exist.
+    /// Returns `None` when the version has nothing at `path`.
+    ///
+    /// # Errors
+    /// A disk version, an existing destination, a path through a
+    /// non-directory, missing or corrupt chunks, I/O failures. On error
+    /// nothing is left at `dest`.
+    pub fn export_path(
+        &self,
+        version: VersionId,
+        path: &str,
+        dest: &Path,
+        opts: &ExportOptions<'_>,
+    ) -> Result<Option<ExportReport>> {
+        let v = self.version(version)?;
+        let Node::Root(Root::Tree { meta, dir }) = self.load(v.root)? else {
+            return Err(Error::InvalidInput(format!(
+                "version {} is not a tree",
+                version.short()
+            )));
+        };
+        if fs::symlink_metadata(dest).is_ok() {
+            return Err(Error::DestinationExists {
+                path: dest.to_owned(),
+                is_dir: dest.is_dir(),
+            });
+        }
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let mut report = ExportReport {
+            layer: String::new(),
+            version: Some(version),
+            dest: dest.to_owned(),
+            ..ExportReport::default()
+        };
+        let staging = staging_for(dest)?;
+        remove_staging(&staging);
+        let Some((last, within)) = parts.split_last() else {
+            let written = tree::export_tree(self, &meta, dir, &staging, opts.progress, &mut report);
+            return self.place(written, &staging, dest).map(|()| Some(report));
+        };
+        let mut at = dir;
+        for p in within {
+            let Node::Dir(d) = self.load(at)? else {
+                return Ok(None);
+            };
+            match d.get(p.as_bytes()).map(|e| &e.kind) {
+                Some(crate::manifest::EntryKind::Dir { node, .. }) => at = *node,
+                Some(_) => {
+                    return Err(Error::InvalidInput(format!(
+                        "{path}: {p} is not a directory in version {}",
+                        version.short()
+                    )))
+                }
+                None => return Ok(None),
+            }
+        }
+        let Node::Dir(d) = self.load(at)? else {
+            return Ok(None);
+        };
+        let Some(entry) = d.get(last.as_bytes()) else {
+            return Ok(None);
+        };
+        let written = tree::export_entry(self, entry, &staging, opts.progress, &mut report);
+        self.place(written, &staging, dest).map(|()| Some(report))
+    }
+
+    fn place(&self, written: Result<()>, staging: &Path, dest: &Path) -> Result<()> {
+        let placed = written.and_then(|()| {
+            fs::rename(staging, dest)
+                .ctx(dest, "move export into place")
+                .and_then(|()| sync_parent(dest))
+        });
+        if placed.is_err() {
+            remove_staging(staging);
+        }
+        placed
+    }
+
     /// Exports version `version` of layer `name` to `dest`.
     ///
     /// # Errors

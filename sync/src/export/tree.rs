@@ -16,7 +16,7 @@ use nix::sys::stat::{mknod, Mode, SFlag};
 use super::ExportReport;
 use crate::error::{Error, IoContext, Result};
 use crate::id::ManifestId;
-use crate::manifest::{for_each_extent, Content, EntryKind, Extent, Meta, Node, NodeSource};
+use crate::manifest::{for_each_extent, Content, Entry, EntryKind, Extent, Meta, Node, NodeSource};
 use crate::progress::Progress;
 use crate::store::Store;
 
@@ -26,6 +26,29 @@ struct Writer<'a> {
     root: bool,
     /// Link group → path of the member already written.
     links: HashMap<Vec<u8>, PathBuf>,
+}
+
+/// Writes one entry (a file, or a directory and what it holds) at
+/// `staging`, for exports of a path inside a version.
+pub(super) fn export_entry(
+    store: &Store,
+    entry: &Entry,
+    staging: &Path,
+    progress: &dyn Progress,
+    report: &mut ExportReport,
+) -> Result<()> {
+    progress.phase("export", None);
+    let mut w = Writer {
+        store,
+        progress,
+        root: nix::unistd::geteuid().is_root(),
+        links: HashMap::new(),
+    };
+    report.ownership_restored = w.root;
+    w.write_entry(entry, staging, report)?;
+    let parent = staging.parent().unwrap_or(Path::new("."));
+    let dir = File::open(parent).ctx(parent, "open directory")?;
+    nix::unistd::syncfs(&dir).map_err(|e| Error::io(staging, "sync file system", e.into()))
 }
 
 pub(super) fn export_tree(
@@ -69,6 +92,15 @@ impl Writer<'_> {
         };
         for e in node.entries {
             let p = path.join(std::ffi::OsStr::from_bytes(&e.name));
+            self.write_entry(&e, &p, report)?;
+        }
+        Ok(())
+    }
+
+    /// Writes entry `e` at `p` (a directory with everything below it).
+    fn write_entry(&mut self, e: &Entry, p: &Path, report: &mut ExportReport) -> Result<()> {
+        let p = p.to_owned();
+        {
             match &e.kind {
                 EntryKind::Dir { node, .. } => {
                     report.dirs += 1;
@@ -85,7 +117,7 @@ impl Writer<'_> {
                     if let Some(first) = link.as_ref().and_then(|g| self.links.get(g)) {
                         fs::hard_link(first, &p).ctx(&p, "create hard link")?;
                         self.progress.advance(*size);
-                        continue;
+                        return Ok(());
                     }
                     self.write_file(&p, content, *size)?;
                     if let Some(g) = link {
