@@ -6,10 +6,14 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod broker;
+mod client;
 pub use bench::{BenchCommand, BenchImportArgs};
 pub use broker::{
     AuditCommand, DesktopCommand, HostAgentArgs, HostCommand, PoolCommand, PoolCreateArgs,
     SessionCommand, TlsArgs,
+};
+pub use client::{
+    BundleCommand, BundleCreateArgs, BundleRun, CollectArgs, DisseminateArgs, HotelCommand,
 };
 
 /// Lamina: layered, versioned, synchronised VM disks and file trees.
@@ -117,6 +121,16 @@ pub enum Command {
     /// The audit log: logins, allocations, admin and rule-engine actions
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// OS layers cached on this client, and switching a desktop between them
+    #[command(subcommand)]
+    Hotel(HotelCommand),
+    /// Portable bundles: a user's desktop on removable storage, run offline elsewhere
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Place files into the data layer of every member of a group (a new version each)
+    Disseminate(DisseminateArgs),
+    /// Gather each member's current version of a path from their data layers
+    Collect(CollectArgs),
     /// Measure Lamina against the tools a user would use instead
     #[command(subcommand)]
     Bench(BenchCommand),

@@ -1,10 +1,13 @@
 //! Command implementations, one module per noun.
 
 pub mod broker;
+pub mod bundle;
 pub mod compose;
 pub mod conflicts;
 pub mod desktop;
 pub mod disk;
+pub mod disseminate;
+pub mod hotel;
 pub mod identity;
 pub mod layer;
 pub mod remote;

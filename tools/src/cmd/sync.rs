@@ -20,7 +20,7 @@ use crate::progress::Bar;
 
 /// This machine's name for conflict copies: `--host`, `$LAMINA_HOST`, the
 /// host name.
-fn host_name(given: &Option<String>) -> String {
+pub(crate) fn host_name(given: &Option<String>) -> String {
     given
         .clone()
         .filter(|h| !h.is_empty())
@@ -73,7 +73,7 @@ fn describe(r: &LayerReport) -> String {
     s
 }
 
-fn connect(
+pub(crate) fn connect(
     store: &Store,
     remote: &str,
     retries: u32,
