@@ -481,3 +481,67 @@ fn disseminate_reaches_every_member_and_merges_with_offline_work_and_collect_gat
     );
     drop(server);
 }
+
+#[test]
+fn the_admins_network_policy_reaches_the_laptop_and_narrows_its_vms_offline() {
+    let c = Central::new();
+    let tok = c.user("alice", &[]);
+    let img = c.env.path("os.raw");
+    std::fs::write(&img, common::random_bytes(1 << 20, 7)).unwrap();
+    c.env.create("os/x", "os", "disk");
+    c.env.import("os/x", &img);
+    c.env.ok(&["layer", "grant", "os/x", "alice", "read"]);
+    let (code, err) = c.env.fail(&["layer", "set", "os/x", "--net", "wide"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--net"), "{err}");
+    let set = c.env.json(&[
+        "layer",
+        "set",
+        "os/x",
+        "--net",
+        "allow:127.0.0.1:9,10.9.9.9:443",
+    ]);
+    assert_eq!(set["net"], "allow:127.0.0.1:9,10.9.9.9:443", "{set}");
+    let server = c.start();
+    let addr = server.addr;
+    let a = Laptop::new("laptop", &server.url(), &tok, &c.certs.ca);
+    a.sync("pull", &["os/x"]);
+    server.stop();
+
+    // Offline: the laptop's VM over a disk of os/x gets the admin's list.
+    a.env.ok(&["disk", "create", "d", "--base", "os/x"]);
+    let sock = a.env.path("nbd.sock");
+    let uri = format!("nbd+unix:///d?socket={}", sock.display());
+    for (t, net) in [("open", "user"), ("narrow", "allow:127.0.0.1:9,1.2.3.4:80")] {
+        a.env.ok(&[
+            "vm",
+            "template",
+            "create",
+            t,
+            "--profile",
+            "pc",
+            "--net",
+            net,
+        ]);
+        a.env
+            .ok(&["vm", "create", t, "--template", t, "--disk", &uri]);
+    }
+    let show = a.env.json(&["vm", "show", "open"]);
+    assert_eq!(show["net"], "allow:127.0.0.1:9,10.9.9.9:443", "{show}");
+    assert_eq!(show["net_policy"]["layer"], "os/x", "{show}");
+    assert_eq!(show["net_policy"]["source"], "remote origin", "{show}");
+    let show = a.env.json(&["vm", "show", "narrow"]);
+    assert_eq!(
+        show["net"], "allow:127.0.0.1:9",
+        "only what both allow: {show}"
+    );
+
+    // The admin lifts it; the next sync brings that too.
+    c.env.ok(&["layer", "set", "os/x", "--no-net"]);
+    let server = c.start_at(addr);
+    a.sync("sync", &[]);
+    let show = a.env.json(&["vm", "show", "open"]);
+    assert_eq!(show["net"], "user", "{show}");
+    assert!(show["net_policy"].is_null(), "{show}");
+    drop(server);
+}

@@ -16,6 +16,10 @@ use crate::layer::{Layer, LayerKind};
 use crate::store::Store;
 
 const POLICY: &str = "layer-policy";
+/// A layer's network policy as its admin set it here.
+const NET: &str = "net-policy";
+/// A layer's network policy as a remote said (key `REMOTE\0LAYER`).
+const REMOTE_NET: &str = "remote-net-policy";
 
 /// What to do with a real conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -111,8 +115,77 @@ impl Store {
         self.commit(batch)
     }
 
-    /// Drops a layer's own policy (when the layer goes).
+    /// Drops a layer's own policies (when the layer goes).
     pub(crate) fn drop_policy(&self, batch: &mut crate::Batch<'_>, layer: &str) -> Result<()> {
-        batch.delete_record(POLICY, layer)
+        batch.delete_record(POLICY, layer)?;
+        batch.delete_record(NET, layer)
     }
+
+    /// Sets (or with `None` clears) the network policy an admin gives the
+    /// VMs started over layer `name` — the VM runner's `none`, `user` or
+    /// `allow:HOST:PORT,...`, checked by the caller. Clients receive it
+    /// with the layer and apply it offline too.
+    ///
+    /// # Errors
+    /// An unknown layer, catalog failures.
+    pub fn set_net_policy(&self, name: &str, policy: Option<&str>) -> Result<()> {
+        self.layer(name)?;
+        let mut batch = self.batch()?;
+        match policy {
+            Some(p) => batch.put_record(NET, name, p.as_bytes())?,
+            None => batch.delete_record(NET, name)?,
+        }
+        self.commit(batch)
+    }
+
+    /// The network policy set here for layer `name`, if any.
+    ///
+    /// # Errors
+    /// Catalog failures, a damaged record.
+    pub fn net_policy(&self, name: &str) -> Result<Option<String>> {
+        text(self.record(NET, name)?, NET, name)
+    }
+
+    /// Keeps what remote `remote` said of `layer`'s network policy.
+    pub(crate) fn put_remote_net_policy(
+        batch: &mut crate::Batch<'_>,
+        remote: &str,
+        layer: &str,
+        policy: Option<&str>,
+    ) -> Result<()> {
+        let key = format!("{remote}\0{layer}");
+        match policy {
+            Some(p) => batch.put_record(REMOTE_NET, &key, p.as_bytes()),
+            None => batch.delete_record(REMOTE_NET, &key),
+        }
+    }
+
+    /// The network policy that applies to VMs over layer `name`: the one
+    /// set here, else the one a remote it is tracked from sent. Returns
+    /// (where it came from, policy).
+    ///
+    /// # Errors
+    /// Catalog failures, a damaged record.
+    pub fn effective_net_policy(&self, name: &str) -> Result<Option<(String, String)>> {
+        if let Some(p) = self.net_policy(name)? {
+            return Ok(Some(("this store".into(), p)));
+        }
+        for r in self.remote_configs()? {
+            let key = format!("{}\0{name}", r.name);
+            if let Some(p) = text(self.record(REMOTE_NET, &key)?, REMOTE_NET, name)? {
+                return Ok(Some((format!("remote {}", r.name), p)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn text(v: Option<Vec<u8>>, kind: &str, name: &str) -> Result<Option<String>> {
+    v.map(|b| {
+        String::from_utf8(b).map_err(|_| Error::RecordCorrupt {
+            what: format!("{kind} {name}"),
+            reason: "not UTF-8".into(),
+        })
+    })
+    .transpose()
 }

@@ -68,6 +68,10 @@ pub struct LayerInfo {
     /// How long past that end a client that cannot sync may still use it.
     #[serde(default)]
     pub grace_secs: u64,
+    /// The admin's network policy for VMs over this layer (`none`, `user`,
+    /// `allow:HOST:PORT,...`).
+    #[serde(default)]
+    pub net: Option<String>,
 }
 
 /// `POST /versions/LAYER`: the versions reachable from `want` that are not

@@ -214,8 +214,14 @@ pub enum LayerCommand {
         /// Layer name
         name: String,
         /// What sync does with a real conflict: server-wins, client-wins, keep-both or manual
+        #[arg(long, value_name = "POLICY", required_unless_present_any = ["net", "no_net"])]
+        conflict: Option<String>,
+        /// Network policy of VMs over this layer, sent to clients with it: none, user or allow:HOST:PORT,...
         #[arg(long, value_name = "POLICY")]
-        conflict: String,
+        net: Option<String>,
+        /// Remove the layer's network policy
+        #[arg(long, conflicts_with = "net")]
+        no_net: bool,
     },
 }
 

@@ -39,6 +39,27 @@ impl Net {
     }
 }
 
+impl Net {
+    /// This policy narrowed to what an admin's policy `admin` allows: `none`
+    /// beats everything, `user` restricts nothing, and two allow-lists keep
+    /// the destinations in both (none left: no network).
+    pub fn within(&self, admin: &Net) -> Net {
+        match (self, admin) {
+            (Net::None, _) | (_, Net::None) => Net::None,
+            (own, Net::User) => own.clone(),
+            (Net::User, Net::Allow(a)) => Net::Allow(a.clone()),
+            (Net::Allow(own), Net::Allow(a)) => {
+                let both: Vec<NetDest> = own.iter().filter(|d| a.contains(d)).cloned().collect();
+                if both.is_empty() {
+                    Net::None
+                } else {
+                    Net::Allow(both)
+                }
+            }
+        }
+    }
+}
+
 impl FromStr for Net {
     type Err = Error;
     /// `none`, `user`, or `allow:HOST:PORT,HOST:PORT,...`.
@@ -105,6 +126,21 @@ impl fmt::Display for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_admin_policy_only_narrows() {
+        let p = |s: &str| s.parse::<Net>().unwrap();
+        let admin = p("allow:10.1.1.1:443,print:9100");
+        assert_eq!(p("user").within(&admin), admin);
+        assert_eq!(p("none").within(&admin), Net::None);
+        assert_eq!(
+            p("allow:print:9100,x:1").within(&admin),
+            p("allow:print:9100")
+        );
+        assert_eq!(p("allow:x:1").within(&admin), Net::None);
+        assert_eq!(p("user").within(&Net::None), Net::None);
+        assert_eq!(p("allow:x:1").within(&Net::User), p("allow:x:1"));
+    }
 
     #[test]
     fn parses_network_policies() {

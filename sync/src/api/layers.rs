@@ -34,6 +34,7 @@ pub(super) fn info(
         format: layer.format,
         head: store.head(layer)?,
         policy: store.conflict_policy(layer)?,
+        net: store.net_policy(&layer.name)?,
         permission,
     })
 }

@@ -173,6 +173,7 @@ impl Store {
                 checked_ns: now_ns(),
             },
         )?;
+        Store::put_remote_net_policy(&mut batch, conn.name(), name, info.net.as_deref())?;
         self.commit(batch)?;
         Ok((versions.len() as u64, stats))
     }

@@ -41,7 +41,12 @@ pub fn run(cli: &Cli, out: &Out, c: &LayerCommand) -> anyhow::Result<ExitCode> {
         ),
         LayerCommand::Revoke { layer, principal } => revoke(cli, out, layer, principal),
         LayerCommand::Grants { layer } => grants(cli, out, layer.as_deref()),
-        LayerCommand::Set { name, conflict } => set(cli, out, name, conflict),
+        LayerCommand::Set {
+            name,
+            conflict,
+            net,
+            no_net,
+        } => set(cli, out, name, conflict.as_deref(), net.as_deref(), *no_net),
         LayerCommand::Pin { layer, at } => {
             let store = open(cli, out, Access::Write)?;
             let l = store.layer(layer)?;
@@ -399,12 +404,44 @@ fn grants(cli: &Cli, out: &Out, layer: Option<&str>) -> anyhow::Result<()> {
     })
 }
 
-fn set(cli: &Cli, out: &Out, name: &str, conflict: &str) -> anyhow::Result<()> {
-    let policy: ConflictPolicy = conflict.parse()?;
+fn set(
+    cli: &Cli,
+    out: &Out,
+    name: &str,
+    conflict: Option<&str>,
+    net: Option<&str>,
+    no_net: bool,
+) -> anyhow::Result<()> {
+    let policy: Option<ConflictPolicy> = conflict.map(str::parse).transpose()?;
+    // Checked here: the store keeps the policy as text for the VM runner.
+    let net = net
+        .map(|n| {
+            n.parse::<lamina_vm::Net>()
+                .map(|p| p.to_string())
+                .map_err(|e| crate::output::UsageError(format!("--net {n:?}: {e}")))
+        })
+        .transpose()?;
     let store = open(cli, out, Access::Write)?;
-    store.set_conflict_policy(name, policy)?;
+    if let Some(p) = policy {
+        store.set_conflict_policy(name, p)?;
+    }
+    if net.is_some() || no_net {
+        store.set_net_policy(name, net.as_deref())?;
+    }
     out.result(
-        &json!({ "layer": name, "conflict": policy.as_str() }),
-        || format!("{name}: conflicts are settled {policy}"),
+        &json!({ "layer": name, "conflict": policy.map(|p| p.as_str()), "net": store.net_policy(name)? }),
+        || {
+            let mut t = Vec::new();
+            if let Some(p) = policy {
+                t.push(format!("{name}: conflicts are settled {p}"));
+            }
+            if net.is_some() || no_net {
+                t.push(format!(
+                    "{name}: network of its VMs {}",
+                    net.as_deref().unwrap_or("not restricted")
+                ));
+            }
+            t.join("\n")
+        },
     )
 }

@@ -94,10 +94,20 @@ pub(super) fn ls(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
 }
 
 pub(super) fn show(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode> {
-    let Current { vm, root, .. } = current(cli, out, name)?;
+    let Current { vm, root, template } = current(cli, out, name)?;
     let dir = RunDir::at(&run_dir(&root, &vm));
+    let admin = {
+        let store = open(cli, out, Access::Read)?;
+        super::policy::admin_net(&store, &vm)?
+    };
+    let net = template.as_ref().map(|t| match &admin {
+        Some(a) => t.net.within(&a.net),
+        None => t.net.clone(),
+    });
     let doc = serde_json::json!({
         "vm": vm,
+        "net": net.as_ref().map(ToString::to_string),
+        "net_policy": admin,
         "paths": {
             "dir": dir.path(), "qmp": dir.qmp(), "vnc": dir.vnc(),
             "console": dir.console_sock(), "console_log": dir.console_log(),
@@ -114,6 +124,13 @@ pub(super) fn show(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode>
             time(vm.created_ns),
             vm.state
         );
+        if let Some(n) = &net {
+            s += &format!("net       {n}");
+            if let Some(a) = &admin {
+                s += &format!(" (layer {}'s policy {} from {})", a.layer, a.net, a.source);
+            }
+            s.push('\n');
+        }
         if let Some(r) = vm.run.as_ref().filter(|_| vm.state != State::PoweredOff) {
             s += &format!("pid       {}\naccel     {}\nstarted   {}\n", r.pid, r.accel, time(r.started_ns));
         }

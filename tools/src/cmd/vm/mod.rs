@@ -6,6 +6,7 @@
 //! `STORE/vms/UUID/` (see `lamina_vm::RunDir`).
 
 mod info;
+mod policy;
 mod run;
 
 use std::collections::HashSet;

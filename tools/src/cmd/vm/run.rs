@@ -94,7 +94,23 @@ pub(super) fn start(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode
     }
     let t = template.ok_or_else(|| NotFound(format!("no template named {:?}", vm.template)))?;
     // Files may have gone since the template was made.
-    let t = t.validate().map_err(vm_err)?;
+    let mut t = t.validate().map_err(vm_err)?;
+    // The admin's network policy over the disk's layer narrows the
+    // template's, offline too.
+    let admin = {
+        let store = crate::cmd::open(cli, out, lamina_sync::Access::Read)?;
+        super::policy::admin_net(&store, &vm)?
+    };
+    if let Some(a) = &admin {
+        let narrowed = t.net.within(&a.net);
+        if narrowed != t.net {
+            out.note(&format!(
+                "network: {narrowed} (the template's {} narrowed by layer {}'s policy {} from {})",
+                t.net, a.layer, a.net, a.source
+            ));
+        }
+        t.net = narrowed;
+    }
     let qemu = lamina_vm::qemu::binary(t.arch).map_err(vm_err)?;
     vm.disk.check_reachable().map_err(vm_err)?;
     let dir = RunDir::create(&run_dir(&root, &vm)).map_err(vm_err)?;
