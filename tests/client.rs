@@ -238,6 +238,16 @@ fn contains_bytes(dir: &Path, needle: &[u8]) -> Option<std::path::PathBuf> {
     None
 }
 
+fn cp_a(from: &Path, to: &Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
+}
+
 fn flip_a_byte_in_a_pack(store: &Path) {
     let mut packs = Vec::new();
     let mut stack = vec![store.join("packs")];
@@ -302,13 +312,7 @@ fn a_bundle_runs_offline_from_a_copy_and_checks_its_work_in_and_a_tampered_one_i
     server.stop();
     let other = tempfile::tempdir().unwrap();
     let copy = other.path().join("stick");
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&stick)
-        .arg(&copy)
-        .status()
-        .unwrap()
-        .success());
+    cp_a(&stick, &copy);
     let check = bundle_ok(&copy, &["check"], None);
     assert!(check.contains("intact"), "{check}");
     let mnt = other.path().join("desk");
@@ -320,13 +324,7 @@ fn a_bundle_runs_offline_from_a_copy_and_checks_its_work_in_and_a_tampered_one_i
     // Copying the stick while the session runs: the copy is usable or
     // refused in one line, never half-read.
     let during = other.path().join("during");
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&copy)
-        .arg(&during)
-        .status()
-        .unwrap()
-        .success());
+    cp_a(&copy, &during);
     bundle_ok(&copy, &["umount", mnt.to_str().unwrap()], None);
     let (ok, _, err) = run_bundle(&during, &["check"], None);
     assert!(!err.contains("panicked"), "{err}");
@@ -349,13 +347,7 @@ fn a_bundle_runs_offline_from_a_copy_and_checks_its_work_in_and_a_tampered_one_i
 
     // Tampering: a flipped byte in the store, a replaced binary.
     let bad = other.path().join("bad");
-    assert!(Command::new("cp")
-        .arg("-a")
-        .arg(&copy)
-        .arg(&bad)
-        .status()
-        .unwrap()
-        .success());
+    cp_a(&copy, &bad);
     flip_a_byte_in_a_pack(&bad.join("store"));
     let (ok, _, err) = run_bundle(&bad, &["mount", mnt.to_str().unwrap()], None);
     assert!(!ok);

@@ -242,15 +242,7 @@ impl Store {
             }
             Root::Disk(d) => disk::export_disk(self, d, &staging, opts.progress, &mut report),
         };
-        let placed = written.and_then(|()| {
-            fs::rename(&staging, dest)
-                .ctx(dest, "move export into place")
-                .and_then(|()| sync_parent(dest))
-        });
-        if let Err(e) = placed {
-            remove_staging(&staging);
-            return Err(e);
-        }
+        self.place(written, &staging, dest)?;
         Ok(report)
     }
 }

@@ -37,14 +37,7 @@ pub(super) fn export_entry(
     progress: &dyn Progress,
     report: &mut ExportReport,
 ) -> Result<()> {
-    progress.phase("export", None);
-    let mut w = Writer {
-        store,
-        progress,
-        root: nix::unistd::geteuid().is_root(),
-        links: HashMap::new(),
-    };
-    report.ownership_restored = w.root;
+    let mut w = Writer::new(store, progress, report);
     w.write_entry(entry, staging, report)?;
     let parent = staging.parent().unwrap_or(Path::new("."));
     let dir = File::open(parent).ctx(parent, "open directory")?;
@@ -59,15 +52,8 @@ pub(super) fn export_tree(
     progress: &dyn Progress,
     report: &mut ExportReport,
 ) -> Result<()> {
-    progress.phase("export", None);
     fs::create_dir(staging).ctx(staging, "create directory")?;
-    let mut w = Writer {
-        store,
-        progress,
-        root: nix::unistd::geteuid().is_root(),
-        links: HashMap::new(),
-    };
-    report.ownership_restored = w.root;
+    let mut w = Writer::new(store, progress, report);
     w.write_dir(dir, staging, report)?;
     w.apply_meta(staging, meta, false, report)?;
     // One syncfs for the whole tree instead of an fsync per file: the export
@@ -76,7 +62,19 @@ pub(super) fn export_tree(
     nix::unistd::syncfs(&dir).map_err(|e| Error::io(staging, "sync file system", e.into()))
 }
 
-impl Writer<'_> {
+impl<'a> Writer<'a> {
+    fn new(store: &'a Store, progress: &'a dyn Progress, report: &mut ExportReport) -> Self {
+        progress.phase("export", None);
+        let root = nix::unistd::geteuid().is_root();
+        report.ownership_restored = root;
+        Writer {
+            store,
+            progress,
+            root,
+            links: HashMap::new(),
+        }
+    }
+
     fn write_dir(&mut self, id: ManifestId, path: &Path, report: &mut ExportReport) -> Result<()> {
         let node = match self.store.load(id)? {
             Node::Dir(d) => d,
