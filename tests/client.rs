@@ -537,3 +537,100 @@ fn the_admins_network_policy_reaches_the_laptop_and_narrows_its_vms_offline() {
     assert!(show["net_policy"].is_null(), "{show}");
     drop(server);
 }
+
+#[test]
+fn a_composition_streams_its_os_layer_and_reads_what_is_missing_from_the_server() {
+    if !fuse_ok() {
+        return;
+    }
+    let c = Central::new();
+    let tok = c.user("alice", &[]);
+    let src = c.env.path("os-src");
+    for i in 0..40u64 {
+        let p = src.join(format!("usr/lib/f{i}.bin"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, common::random_bytes(256 << 10, 100 + i)).unwrap();
+    }
+    tree(&src, &[("etc/os-release", "streamed")]);
+    c.env.tree_layer("os/big", "os", Some(&src));
+    c.env.ok(&["layer", "grant", "os/big", "alice", "read"]);
+    let data = c.env.path("data-src");
+    tree(&data, &[("home/readme.txt", "hello")]);
+    c.env.tree_layer("user/alice/data", "data", Some(&data));
+    c.env
+        .ok(&["layer", "grant", "user/alice/data", "alice", "write"]);
+    let server = c.start();
+    let addr = server.addr;
+    let a = Laptop::new("laptop", &server.url(), &tok, &c.certs.ca);
+    a.sync("pull", &["user/alice/data"]);
+    let (code, err) = a.env.fail(&[
+        "compose",
+        "create",
+        "desk",
+        "--layer",
+        "os=origin:os/big",
+        "--layer",
+        "data=user/alice/data",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--stream"), "{err}");
+    let before = common::dir_size(&a.env.store);
+    a.env.ok(&[
+        "compose",
+        "create",
+        "desk",
+        "--layer",
+        "os=origin:os/big",
+        "--layer",
+        "data=user/alice/data",
+        "--stream",
+    ]);
+    // Nothing of the data came: the layer is not even here.
+    let ls = a.env.json(&["layer", "ls"]);
+    assert!(!ls.to_string().contains("os/big"), "{ls}");
+    assert!(common::dir_size(&a.env.store) < before + (1 << 20));
+
+    let m = a.env.mount("desk");
+    assert_eq!(read(&m.p("etc/os-release")), "streamed");
+    assert_eq!(
+        std::fs::read(m.p("usr/lib/f3.bin")).unwrap(),
+        common::random_bytes(256 << 10, 103)
+    );
+    assert_eq!(std::fs::read_dir(m.p("usr/lib")).unwrap().count(), 40);
+    std::fs::write(m.p("home/notes.txt"), "over a streamed os").unwrap();
+    // Offline: what was read still reads; what was not fails with EIO.
+    server.stop();
+    assert_eq!(
+        std::fs::read(m.p("usr/lib/f3.bin")).unwrap(),
+        common::random_bytes(256 << 10, 103)
+    );
+    let err = std::fs::read(m.p("usr/lib/f7.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Back online: the same read works.
+    let server = c.start_at(addr);
+    assert_eq!(
+        std::fs::read(m.p("usr/lib/f7.bin")).unwrap(),
+        common::random_bytes(256 << 10, 107)
+    );
+    m.umount();
+    let cached = common::dir_size(&a.env.store.join("cache/files"));
+    assert!(
+        cached < 40 * (256 << 10) / 4,
+        "only what was read is cached: {cached}"
+    );
+    // The user's layer commits over the streamed one.
+    let done = a.env.json(&["commit", "desk"]);
+    assert!(done.to_string().contains("user/alice/data"), "{done}");
+    a.sync("sync", &["user/alice/data"]);
+    let out = c.env.path("central-data");
+    c.env
+        .ok(&["layer", "export", "user/alice/data", out.to_str().unwrap()]);
+    assert_eq!(read(&out.join("home/notes.txt")), "over a streamed os");
+    // Removing the composition removes what was streamed.
+    a.env.ok(&["compose", "rm", "desk"]);
+    let left: Vec<_> = std::fs::read_dir(a.env.store.join("stream/trees"))
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    drop(server);
+}

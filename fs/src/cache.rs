@@ -107,7 +107,11 @@ pub(crate) struct FileCache {
 impl FileCache {
     /// Opens the cache under `dir`, trimming it to its size bound, and
     /// starts its worker.
-    pub fn open(dir: PathBuf, store: Arc<Store>) -> std::io::Result<FileCache> {
+    pub fn open(
+        dir: PathBuf,
+        store: Arc<Store>,
+        remotes: crate::lower::Remotes,
+    ) -> std::io::Result<FileCache> {
         fs::create_dir_all(dir.join("tmp"))?;
         clean_tmp(&dir.join("tmp"));
         let max = std::env::var("LAMINA_FILE_CACHE_MAX")
@@ -125,7 +129,7 @@ impl FileCache {
             std::thread::Builder::new()
                 .name("lamina-cache".into())
                 .spawn(move || {
-                    let lower = Lower::new(store);
+                    let lower = Lower::new(store, remotes);
                     for job in rx {
                         let dest = entry_path(&dir, &job.key);
                         if !dest.exists() {

@@ -213,6 +213,47 @@ pub struct CreateOptions {
     pub rules: Option<(String, String)>,
     /// Mode.
     pub mode: Mode,
+    /// Versions streamed from a remote (`compose create --stream`): a
+    /// `--layer` naming one of their layers becomes a read-only slot on
+    /// that version, whose data is fetched as it is read.
+    pub streamed: Vec<lamina_sync::remote::StreamedVersion>,
+}
+
+/// The streamed version a slot shows, if it is one this store does not
+/// hold: its record, its root, and its manifest nodes attached to `store`
+/// so that reads through the store find them.
+///
+/// # Errors
+/// Damaged stream files, store failures.
+pub(crate) fn streamed_slot(
+    store: &Store,
+    slot: &Slot,
+) -> Result<
+    Option<(
+        lamina_sync::remote::StreamedVersion,
+        lamina_sync::manifest::Meta,
+        lamina_sync::ManifestId,
+    )>,
+> {
+    let Some(v) = slot.pin else {
+        return Ok(None);
+    };
+    if store.has_version(v)? {
+        return Ok(None);
+    }
+    let Some((meta, nodes)) = lamina_sync::remote::load_streamed(store.root(), v)? else {
+        return Ok(None);
+    };
+    let root = nodes.root(meta.root)?;
+    store.attach_streamed(std::sync::Arc::new(nodes));
+    match root {
+        lamina_sync::manifest::Root::Tree { meta: m, dir } => Ok(Some((meta, m, dir))),
+        lamina_sync::manifest::Root::Disk(_) => Err(Error::Invalid(format!(
+            "streamed version {} of {} is a disk",
+            v.short(),
+            slot.layer
+        ))),
+    }
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -244,6 +285,30 @@ pub fn create(store: &Store, opts: &CreateOptions) -> Result<Composition> {
     }
     let mut slots = Vec::with_capacity(opts.layers.len());
     for arg in &opts.layers {
+        if let Some(sv) = opts.streamed.iter().find(|s| s.layer == arg.layer) {
+            if sv.kind.is_some_and(|k| k != arg.kind) {
+                return Err(Error::Invalid(format!(
+                    "layer {} is a {} layer, not {}",
+                    arg.layer,
+                    sv.kind.map_or("?", |k| k.as_str()),
+                    arg.kind
+                )));
+            }
+            if slots.iter().any(|s: &Slot| s.layer == arg.layer)
+                || (arg.kind != LayerKind::Group && slots.iter().any(|s: &Slot| s.kind == arg.kind))
+            {
+                return Err(Error::Invalid(format!(
+                    "layer {} or its kind {} is given twice",
+                    arg.layer, arg.kind
+                )));
+            }
+            slots.push(Slot {
+                kind: arg.kind,
+                layer: arg.layer.clone(),
+                pin: Some(sv.version),
+            });
+            continue;
+        }
         let layer = store.layer(&arg.layer).map_err(|e| match e {
             lamina_sync::Error::LayerNotFound { name } => {
                 Error::Invalid(format!("--layer {}={name}: no such layer", arg.kind))
@@ -317,7 +382,8 @@ pub fn create(store: &Store, opts: &CreateOptions) -> Result<Composition> {
         let mut batch = store.batch()?;
         batch.put_record(RECORD_KIND, &comp.name, &comp.encode())?;
         for (i, s) in comp.slots.iter().enumerate() {
-            if let Some(v) = s.pin {
+            // A streamed version is not in the store: nothing to keep.
+            if let Some(v) = s.pin.filter(|v| store.has_version(*v).unwrap_or(false)) {
                 batch.move_ref(&pin_ref(&comp.name, i), None, Some(v), "compose create")?;
             }
         }
@@ -365,8 +431,8 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
     let _lock = crate::mount::lock_unmounted(store.root(), &comp, "unmount it first")?;
     let mut batch = store.batch()?;
     batch.delete_record(RECORD_KIND, name)?;
-    for (i, s) in comp.slots.iter().enumerate() {
-        if let Some(v) = s.pin {
+    for i in 0..comp.slots.len() {
+        if let Some(v) = store.ref_target(&pin_ref(name, i))? {
             batch.move_ref(&pin_ref(name, i), Some(v), None, "compose rm")?;
         }
     }
@@ -374,6 +440,16 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
     let dir = comp.dir(store.root());
     if let Err(e) = fs::remove_dir_all(&dir) {
         tracing::warn!(dir = %dir.display(), %e, "could not remove the composition's directory");
+    }
+    // Streamed manifests no other composition shows go too.
+    let others = list(store)?;
+    for v in comp.slots.iter().filter_map(|s| s.pin) {
+        let used = others
+            .iter()
+            .any(|c| c.slots.iter().any(|s| s.pin == Some(v)));
+        if !used && !store.has_version(v)? {
+            lamina_sync::remote::remove_streamed(store.root(), v)?;
+        }
     }
     Ok(())
 }
@@ -439,8 +515,9 @@ pub fn switch_os(store: &Store, name: &str, layer: &str) -> Result<Composition> 
     comp.compiled_rules()?;
     let mut batch = store.batch()?;
     batch.put_record(RECORD_KIND, name, &comp.encode())?;
-    if old.pin != pin {
-        batch.move_ref(&pin_ref(name, i), old.pin, pin, "hotel switch")?;
+    let held = store.ref_target(&pin_ref(name, i))?;
+    if held != pin {
+        batch.move_ref(&pin_ref(name, i), held, pin, "hotel switch")?;
     }
     store.commit(batch)?;
     Ok(comp)

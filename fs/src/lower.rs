@@ -90,18 +90,24 @@ struct ChunkCache {
     bytes: usize,
 }
 
+/// Where chunks the store lacks come from: the remotes of the mount's
+/// streamed slots (each chunk is verified against its id as it arrives).
+pub(crate) type Remotes = Arc<Vec<lamina_sync::remote::RemoteChunks>>;
+
 /// Access to the lower layers of a mount.
 pub(crate) struct Lower {
     store: Arc<Store>,
+    remotes: Remotes,
     dirs: Mutex<HashMap<lamina_sync::ManifestId, Arc<DirNode>>>,
     chunks: Mutex<ChunkCache>,
     links: Mutex<HashMap<lamina_sync::ManifestId, Arc<LinkMap>>>,
 }
 
 impl Lower {
-    pub fn new(store: Arc<Store>) -> Lower {
+    pub fn new(store: Arc<Store>, remotes: Remotes) -> Lower {
         Lower {
             store,
+            remotes,
             dirs: Mutex::new(HashMap::new()),
             chunks: Mutex::new(ChunkCache {
                 map: HashMap::new(),
@@ -178,15 +184,40 @@ impl Lower {
     /// The verified bytes of chunk `id` (`len` long), read from the store
     /// without going through the chunk cache (for one-pass readers).
     pub fn fetch(&self, id: ChunkId, len: u32) -> Result<Vec<u8>, Errno> {
-        let data = self.with_refresh(|| self.store.chunk(&id)).map_err(|e| {
-            tracing::error!(chunk = %id, error = %e, "cannot read a lower chunk");
-            Errno::EIO
-        })?;
+        let data = match self.with_refresh(|| self.store.chunk(&id)) {
+            Ok(d) => d,
+            Err(lamina_sync::Error::ChunkMissing { .. }) if !self.remotes.is_empty() => {
+                self.fetch_remote(id)?
+            }
+            Err(e) => {
+                tracing::error!(chunk = %id, error = %e, "cannot read a lower chunk");
+                return Err(Errno::EIO);
+            }
+        };
         if data.len() != len as usize {
             tracing::error!(chunk = %id, len = data.len(), expected = len, "lower chunk has the wrong length");
             return Err(Errno::EIO);
         }
         Ok(data)
+    }
+
+    /// A chunk of a streamed slot, from the first remote that has it; a
+    /// remote out of reach fails the read with EIO (within the fetcher's
+    /// retries), never hangs it.
+    fn fetch_remote(&self, id: ChunkId) -> Result<Vec<u8>, Errno> {
+        let mut last = None;
+        for r in self.remotes.iter() {
+            match r.fetch(&[id]) {
+                Ok(mut got) => {
+                    if let Some(d) = got.remove(&id) {
+                        return Ok(d);
+                    }
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        tracing::error!(chunk = %id, error = ?last, "cannot fetch a streamed chunk");
+        Err(Errno::EIO)
     }
 
     /// The bytes of a data chunk, checked against the length the manifest

@@ -281,7 +281,20 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
         settle_marker(&store, &comp, &heads)?;
     }
     let mut slots = Vec::with_capacity(comp.slots.len());
+    let mut remotes = Vec::new();
     for (i, s) in comp.slots.iter().enumerate() {
+        // A version streamed from a remote: its nodes are here, its data
+        // is fetched as it is read (and kept in the file cache).
+        if let Some((sv, meta, dir)) = compose::streamed_slot(&store, s)? {
+            remotes.push(lamina_sync::remote::RemoteChunks::new(
+                &store, &sv.remote, &sv.layer,
+            )?);
+            slots.push(SlotView {
+                root: Some((Arc::new(meta), dir)),
+                upper: None,
+            });
+            continue;
+        }
         let layer = store.layer(&s.layer).map_err(|e| match e {
             lamina_sync::Error::LayerNotFound { .. } => Error::Invalid(format!(
                 "layer {} of composition {} no longer exists",
@@ -316,10 +329,15 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
             upper,
         });
     }
+    let remotes: crate::lower::Remotes = Arc::new(remotes);
     let rules = comp.compiled_rules()?;
     let cache = Arc::new(
-        FileCache::open(root.join("cache").join("files"), store.clone())
-            .map_err(|e| Error::io(root.join("cache/files"), "open the file cache", e))?,
+        FileCache::open(
+            root.join("cache").join("files"),
+            store.clone(),
+            remotes.clone(),
+        )
+        .map_err(|e| Error::io(root.join("cache/files"), "open the file cache", e))?,
     );
     let default_meta = Meta {
         mode: 0o755,
@@ -330,7 +348,7 @@ pub fn mount(store: Arc<Store>, name: &str, dir: &Path) -> Result<Mounted> {
         xattrs: Vec::new(),
     };
     let view = Arc::new(View::new(
-        Lower::new(store.clone()),
+        Lower::new(store.clone(), remotes),
         slots,
         rules,
         comp.work_dir(&root),

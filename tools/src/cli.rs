@@ -537,6 +537,9 @@ pub struct ComposeCreateArgs {
     /// persistent (keep writes until commit) or revert (drop them at unmount)
     #[arg(long, default_value = "persistent")]
     pub mode: String,
+    /// Layers given as KIND=REMOTE:LAYER[@V] stream from the remote: their manifests now, file data as it is read
+    #[arg(long)]
+    pub stream: bool,
 }
 
 /// `lamina mount`

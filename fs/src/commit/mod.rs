@@ -163,6 +163,23 @@ pub(crate) fn commit_uppers(
     let mut marker = Marker::load(&cdir)?;
     let mut plans = Vec::with_capacity(comp.slots.len());
     for (i, s) in comp.slots.iter().enumerate() {
+        // A streamed slot is read-only: it only lies below the others.
+        if let Some((sv, meta, dir)) = compose::streamed_slot(store, s)? {
+            plans.push(Plan {
+                layer: Layer {
+                    id: sv.layer_id.unwrap_or(lamina_sync::LayerId([0; 16])),
+                    name: s.layer.clone(),
+                    kind: s.kind,
+                    format: lamina_sync::LayerFormat::Tree,
+                    created_ns: 0,
+                },
+                head: None,
+                view: Some(sv.version),
+                parent: Some(sv.version),
+                tree: Some((meta, dir)),
+            });
+            continue;
+        }
         let layer = store.layer(&s.layer)?;
         let head = store.head(&layer)?;
         let (view, parent) = match s.pin {

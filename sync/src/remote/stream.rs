@@ -1,19 +1,22 @@
 //! Versions streamed from a remote: their manifests here, their data on
 //! demand (issue "client side", cache acceleration).
 //!
-//! `lamina disk create --base REMOTE:LAYER --stream` fetches the version
-//! record and every manifest node under it — a few KiB per GiB of disk —
-//! but no data. They are kept in `STORE/stream/`, **outside** the store's
+//! `lamina disk create --base REMOTE:LAYER --stream` (and `lamina compose
+//! create --layer KIND=REMOTE:LAYER --stream` for tree layers) fetches the
+//! version record and every manifest node under it — a few KiB per GiB of
+//! disk — but no data. They are kept in `STORE/stream/`, **outside** the store's
 //! chunk backend: a node in the backend promises its whole subtree (the
 //! fact pull, push, fsck and gc rely on), and a streamed version's data is
 //! not there. The data arrives chunk by chunk through [`RemoteChunks`],
 //! each verified against its id, and is cached by its reader (the disk
-//! view's cluster cache). A `lamina pull` of the layer later makes the
+//! view's cluster cache, the file view's file cache; a mount attaches a
+//! tree's nodes to its open store, see [`Store::attach_streamed`]). A `lamina pull` of the layer later makes the
 //! version local the ordinary way.
 //!
 //! ```text
 //! STORE/stream/<version>.json    what was streamed: remote, layer, root
 //! STORE/stream/<version>.nodes   its manifest nodes: (id, length, bytes)…
+//! STORE/stream/trees/…           the same for tree versions
 //! ```
 
 use std::collections::HashMap;
@@ -54,6 +57,12 @@ pub struct StreamedVersion {
     pub chunks: u64,
     /// When the manifests were fetched, ns since the epoch.
     pub fetched_ns: i64,
+    /// The layer's kind there (files written before trees streamed lack it).
+    #[serde(default)]
+    pub kind: Option<crate::layer::LayerKind>,
+    /// The layer's identity there.
+    #[serde(default)]
+    pub layer_id: Option<crate::id::LayerId>,
 }
 
 /// The directory of streamed versions.
@@ -61,12 +70,29 @@ pub fn stream_dir(store_root: &Path) -> PathBuf {
     store_root.join("stream")
 }
 
-fn meta_path(store_root: &Path, v: VersionId) -> PathBuf {
-    stream_dir(store_root).join(format!("{}.json", v.to_hex()))
+/// Where the files of a streamed version of `format` live: disks in
+/// [`stream_dir`] (beside the disk view's profiles), trees in its `trees/`
+/// (the file view's, kept while a composition uses them).
+fn dir_for(store_root: &Path, format: LayerFormat) -> PathBuf {
+    match format {
+        LayerFormat::Disk => stream_dir(store_root),
+        LayerFormat::Tree => stream_dir(store_root).join("trees"),
+    }
 }
 
-fn nodes_path(store_root: &Path, v: VersionId) -> PathBuf {
-    stream_dir(store_root).join(format!("{}.nodes", v.to_hex()))
+fn meta_path(store_root: &Path, format: LayerFormat, v: VersionId) -> PathBuf {
+    dir_for(store_root, format).join(format!("{}.json", v.to_hex()))
+}
+
+fn nodes_path(store_root: &Path, format: LayerFormat, v: VersionId) -> PathBuf {
+    dir_for(store_root, format).join(format!("{}.nodes", v.to_hex()))
+}
+
+/// Which format `version` was streamed as, if it was.
+fn streamed_format(store_root: &Path, v: VersionId) -> Option<LayerFormat> {
+    [LayerFormat::Disk, LayerFormat::Tree]
+        .into_iter()
+        .find(|f| meta_path(store_root, *f, v).exists())
 }
 
 /// The manifest nodes of a streamed version, held in memory.
@@ -106,7 +132,10 @@ impl StreamNodes {
 /// # Errors
 /// A file that cannot be read or parsed.
 pub fn streamed_meta(store_root: &Path, version: VersionId) -> Result<Option<StreamedVersion>> {
-    let mp = meta_path(store_root, version);
+    let Some(format) = streamed_format(store_root, version) else {
+        return Ok(None);
+    };
+    let mp = meta_path(store_root, format, version);
     let meta = match std::fs::read(&mp) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -132,7 +161,8 @@ pub fn load_streamed(
     let Some(meta) = streamed_meta(store_root, version)? else {
         return Ok(None);
     };
-    let np = nodes_path(store_root, version);
+    let format = streamed_format(store_root, version).unwrap_or(LayerFormat::Disk);
+    let np = nodes_path(store_root, format, version);
     let len = std::fs::metadata(&np)
         .map_err(|e| Error::io(&np, "stat", e))?
         .len();
@@ -186,10 +216,15 @@ pub fn load_streamed(
 /// # Errors
 /// Files that exist but cannot be removed.
 pub fn remove_streamed(store_root: &Path, version: VersionId) -> Result<()> {
-    for p in [
-        meta_path(store_root, version),
-        nodes_path(store_root, version),
-    ] {
+    let paths = [LayerFormat::Disk, LayerFormat::Tree]
+        .into_iter()
+        .flat_map(|f| {
+            [
+                meta_path(store_root, f, version),
+                nodes_path(store_root, f, version),
+            ]
+        });
+    for p in paths {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -201,27 +236,33 @@ pub fn remove_streamed(store_root: &Path, version: VersionId) -> Result<()> {
 
 impl Store {
     /// Fetches from `remote` the version `spec` (`head`, or a version id or
-    /// a prefix of one) of disk layer `layer` and every manifest node under
-    /// it, not its data, into `STORE/stream/`. Fetching a version already
-    /// streamed only reads what is there.
+    /// a prefix of one) of layer `layer`, which must be of `format`, and
+    /// every manifest node under it, not its data, into `STORE/stream/`.
+    /// Fetching a version already streamed only reads what is there.
     ///
     /// # Errors
-    /// An unknown remote, layer or version, a tree layer, transport
-    /// failures, nodes that do not match their ids.
+    /// An unknown remote, layer or version, a layer of another format,
+    /// transport failures, nodes that do not match their ids.
     pub fn stream_manifests(
         &self,
         remote: &str,
         layer: &str,
         spec: &str,
-    ) -> Result<(StreamedVersion, StreamNodes)> {
+        format: LayerFormat,
+    ) -> Result<(StreamedVersion, StreamNodes, crate::protocol::LayerInfo)> {
         let cfg = self.remote(remote)?;
         let conn = Connection::open(&cfg, &ConnectOptions::default())?;
         let info = conn.layer(layer)?.ok_or_else(|| Error::LayerNotFound {
             name: format!("{remote}:{layer}"),
         })?;
-        if info.format != LayerFormat::Disk {
+        if info.format != format {
             return Err(Error::InvalidInput(format!(
-                "layer `{layer}` of remote {remote} is a tree layer: only disk layers stream into a disk"
+                "layer `{layer}` of remote {remote} is a {} layer: only {format} layers stream {}",
+                info.format,
+                match format {
+                    LayerFormat::Disk => "into a disk",
+                    LayerFormat::Tree => "into a composition",
+                }
             )));
         }
         let head = info.head.ok_or_else(|| {
@@ -264,8 +305,8 @@ impl Store {
                 .collect();
             self.check_pulled(&conn, layer, &one, sigs)?;
         }
-        if let Some(done) = load_streamed(self.root(), wanted)? {
-            return Ok(done);
+        if let Some((m, n)) = load_streamed(self.root(), wanted)? {
+            return Ok((m, n, info));
         }
         let (_, v) = history
             .iter()
@@ -295,9 +336,14 @@ impl Store {
                         ))
                     })?;
                     let node = Node::decode(*id, &plain)?;
-                    if *id == v.root && !matches!(node, Node::Root(Root::Disk(_))) {
+                    let fits = matches!(
+                        (&node, format),
+                        (Node::Root(Root::Disk(_)), LayerFormat::Disk)
+                            | (Node::Root(Root::Tree { .. }), LayerFormat::Tree)
+                    );
+                    if *id == v.root && !fits {
                         return Err(Error::InvalidInput(format!(
-                            "version {} of {remote}:{layer} is not a disk",
+                            "version {} of {remote}:{layer} is not a {format}",
                             wanted.short()
                         )));
                     }
@@ -326,8 +372,10 @@ impl Store {
             nodes: nodes.len() as u64,
             chunks,
             fetched_ns: now_ns(),
+            kind: Some(info.kind),
+            layer_id: Some(info.id),
         };
-        let dir = stream_dir(self.root());
+        let dir = dir_for(self.root(), format);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create", e))?;
         let mut raw = Vec::new();
         for (id, bytes) in &nodes {
@@ -336,13 +384,13 @@ impl Store {
             raw.extend_from_slice(bytes);
         }
         // Nodes first: a meta file always has its nodes.
-        write_atomic(&nodes_path(self.root(), wanted), &raw)?;
+        write_atomic(&nodes_path(self.root(), format, wanted), &raw)?;
         // Plain data always serialises.
         #[allow(clippy::expect_used)]
         let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
-        write_atomic(&meta_path(self.root(), wanted), &json)?;
+        write_atomic(&meta_path(self.root(), format, wanted), &json)?;
         tracing::info!(remote, layer, version = %wanted.short(), nodes = meta.nodes, chunks, "streamed the manifests");
-        Ok((meta, StreamNodes { nodes }))
+        Ok((meta, StreamNodes { nodes }, info))
     }
 }
 

@@ -77,6 +77,9 @@ pub struct Store {
     /// in-flight import of this process has written but not committed.
     pub(crate) gc_guard: RwLock<()>,
     node_sealer: Mutex<Sealer>,
+    /// Manifest nodes of streamed versions this process reads through the
+    /// store (see [`Store::attach_streamed`]); never in the backend.
+    streamed: RwLock<Vec<Arc<crate::remote::StreamNodes>>>,
     _locks: lock::StoreLocks,
     /// Removes a reader's secondary directory after the DB is closed
     /// (declared last: fields drop in order).
@@ -340,6 +343,7 @@ impl Store {
             access: opts.access,
             commit_lock: Mutex::new(()),
             gc_guard: RwLock::new(()),
+            streamed: RwLock::new(Vec::new()),
             node_sealer: Mutex::new(Sealer::new()),
             _locks: locks,
             _secondary: SecondaryDir(secondary),
@@ -421,16 +425,38 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Lets [`NodeSource::load`] of this open store also find the manifest
+    /// nodes of a streamed version (only in this process, never in the
+    /// backend: a node there promises its whole subtree, and a streamed
+    /// version's data is not here). For readers of streamed compositions.
+    pub fn attach_streamed(&self, nodes: Arc<crate::remote::StreamNodes>) {
+        self.streamed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(nodes);
+    }
+}
+
 impl NodeSource for Store {
     fn load(&self, id: ManifestId) -> Result<Node> {
-        let bytes = self.backend.get(&id.chunk()).map_err(|e| match e {
-            Error::ChunkMissing { .. } => Error::ManifestCorrupt {
-                id,
-                reason: "missing from the store".into(),
-            },
-            Error::ChunkCorrupt { reason, .. } => Error::ManifestCorrupt { id, reason },
-            other => other,
-        })?;
+        let bytes = match self.backend.get(&id.chunk()) {
+            Ok(b) => b,
+            Err(Error::ChunkMissing { .. }) => {
+                let streamed = self.streamed.read().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = streamed.iter().find_map(|s| s.load(id).ok()) {
+                    return Ok(n);
+                }
+                return Err(Error::ManifestCorrupt {
+                    id,
+                    reason: "missing from the store".into(),
+                });
+            }
+            Err(Error::ChunkCorrupt { reason, .. }) => {
+                return Err(Error::ManifestCorrupt { id, reason })
+            }
+            Err(other) => return Err(other),
+        };
         Node::decode(id, &bytes)
     }
 }

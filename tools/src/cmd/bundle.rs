@@ -251,6 +251,7 @@ fn write_bundle(
                 layers: tree,
                 rules: None,
                 mode: ComposeMode::Persistent,
+                streamed: Vec::new(),
             },
         )?;
         Some(DESKTOP.to_owned())

@@ -29,11 +29,25 @@ pub fn run(cli: &Cli, out: &Out, c: &ComposeCommand) -> anyhow::Result<ExitCode>
 }
 
 fn create(cli: &Cli, out: &Out, a: &ComposeCreateArgs) -> anyhow::Result<()> {
-    let layers = a
+    let mut layers = a
         .layers
         .iter()
         .map(|s| s.parse::<LayerArg>())
         .collect::<Result<Vec<_>, _>>()?;
+    let remote_layer = |l: &LayerArg| {
+        l.layer
+            .split_once(':')
+            .map(|(r, n)| (r.to_owned(), n.to_owned()))
+    };
+    if !a.stream {
+        if let Some(l) = layers.iter().find(|l| remote_layer(l).is_some()) {
+            return Err(UsageError(format!(
+                "--layer {}={}: a REMOTE:LAYER streams only with --stream (or pull it first)",
+                l.kind, l.layer
+            ))
+            .into());
+        }
+    }
     let mode: Mode = a.mode.parse()?;
     let rules = match &a.rules {
         Some(p) => {
@@ -44,6 +58,17 @@ fn create(cli: &Cli, out: &Out, a: &ComposeCreateArgs) -> anyhow::Result<()> {
         None => None,
     };
     let store = open(cli, out, Access::Write)?;
+    let mut streamed = Vec::new();
+    for l in &mut layers {
+        let Some((remote, name)) = remote_layer(l) else {
+            continue;
+        };
+        let spec = l.version.take().unwrap_or_else(|| "head".into());
+        let (sv, _, _) =
+            store.stream_manifests(&remote, &name, &spec, lamina_sync::LayerFormat::Tree)?;
+        l.layer = name;
+        streamed.push(sv);
+    }
     let comp = compose::create(
         &store,
         &CreateOptions {
@@ -51,6 +76,7 @@ fn create(cli: &Cli, out: &Out, a: &ComposeCreateArgs) -> anyhow::Result<()> {
             layers,
             rules,
             mode,
+            streamed,
         },
     )?;
     out.result(&comp_doc(&comp, None), || {

@@ -147,7 +147,12 @@ fn create_streamed(
     };
     let (layer, version) = split_layer_spec(spec);
     let store = open(cli, out, Access::Write)?;
-    let (streamed, nodes) = store.stream_manifests(remote, layer, version.unwrap_or("head"))?;
+    let (streamed, nodes, _) = store.stream_manifests(
+        remote,
+        layer,
+        version.unwrap_or("head"),
+        lamina_sync::LayerFormat::Disk,
+    )?;
     let root = nodes.root(streamed.root)?;
     let rec = disk::create_streamed(&store, name, &streamed, &root, size)?;
     let doc = describe(&store, &rec);

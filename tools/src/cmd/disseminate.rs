@@ -204,6 +204,7 @@ pub fn disseminate(cli: &Cli, out: &Out, a: &DisseminateArgs) -> anyhow::Result<
                 }],
                 rules: None,
                 mode: ComposeMode::Persistent,
+                streamed: Vec::new(),
             },
         )?;
         let temp = TempComposition(&store, name.clone());
