@@ -43,6 +43,9 @@ pub struct ConnectOptions {
     pub keep_alive: bool,
     /// Longest a single request may take.
     pub request_timeout: Duration,
+    /// Longest one call may take with all its retries (none: retries are
+    /// bounded by their count only). A call past it fails at once.
+    pub deadline: Option<Duration>,
 }
 
 impl Default for ConnectOptions {
@@ -51,6 +54,7 @@ impl Default for ConnectOptions {
             retries: 3,
             keep_alive: false,
             request_timeout: Duration::from_secs(600),
+            deadline: None,
         }
     }
 }
@@ -194,11 +198,21 @@ impl Connection {
     ) -> Result<Vec<u8>> {
         let url = format!("{}/api/v1/{path}", self.base);
         let mut attempt = 0u32;
+        let started = std::time::Instant::now();
+        let left = || {
+            self.opts
+                .deadline
+                .map(|d| d.saturating_sub(started.elapsed()))
+        };
         loop {
             let mut req = self
                 .http
                 .request(method.clone(), &url)
                 .bearer_auth(&self.token);
+            if let Some(l) = left() {
+                // Connecting and answering both fit in what is left.
+                req = req.timeout(l.min(self.opts.request_timeout));
+            }
             let sent = body.as_ref().map_or(0, |(_, b)| b.len() as u64);
             if let Some((ct, b)) = &body {
                 req = req
@@ -237,11 +251,12 @@ impl Connection {
                 }
                 Err(e) => {
                     let err = self.unreachable(&e);
-                    if attempt >= self.opts.retries {
-                        return Err(err);
-                    }
                     attempt += 1;
                     let wait = Duration::from_millis(500u64 << attempt.min(5));
+                    let in_time = left().is_none_or(|l| l > wait + Duration::from_millis(100));
+                    if attempt > self.opts.retries || !in_time {
+                        return Err(err);
+                    }
                     tracing::info!(error = %err, attempt, "retrying after {wait:?}");
                     std::thread::sleep(wait);
                 }
@@ -516,5 +531,71 @@ pub(crate) struct LayerSource<'a> {
 impl RecordSource for LayerSource<'_> {
     fn fetch(&mut self, ids: &[ChunkId]) -> Result<Vec<Sealed>> {
         self.conn.fetch(self.layer, ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    /// A server that accepts connections and never answers: counts them.
+    fn silent_server() -> (String, Arc<AtomicU32>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", l.local_addr().unwrap());
+        let n = Arc::new(AtomicU32::new(0));
+        let seen = n.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in l.incoming().flatten() {
+                seen.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        (url, n)
+    }
+
+    fn cfg(url: String) -> RemoteConfig {
+        RemoteConfig {
+            name: "silent".into(),
+            url,
+            token: "lamina_x_y".into(),
+            ca_pem: None,
+            user: None,
+            added_ns: 0,
+            keys: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_deadline_bounds_a_call_with_its_retries() {
+        let (url, accepted) = silent_server();
+        let opts = ConnectOptions {
+            retries: 3,
+            keep_alive: false,
+            request_timeout: Duration::from_millis(700),
+            deadline: Some(Duration::from_millis(1000)),
+        };
+        let c = Connection::open(&cfg(url), &opts).unwrap();
+        let e = c.whoami().unwrap_err();
+        assert!(matches!(e, Error::RemoteUnreachable { .. }), "{e}");
+        // The first attempt took most of the deadline: no retry fits.
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn without_a_deadline_each_retry_is_tried() {
+        let (url, accepted) = silent_server();
+        let opts = ConnectOptions {
+            retries: 1,
+            keep_alive: false,
+            request_timeout: Duration::from_millis(300),
+            deadline: None,
+        };
+        let c = Connection::open(&cfg(url), &opts).unwrap();
+        assert!(c.whoami().is_err());
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

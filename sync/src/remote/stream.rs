@@ -411,8 +411,8 @@ pub struct FetchCounters {
 ///
 /// Connects lazily and again after a failure, so a server that went away
 /// is used again once it is back. A request that cannot be answered fails
-/// within [`RemoteChunks::TIMEOUT`] or so (connect and answer), never
-/// hangs.
+/// within [`RemoteChunks::TIMEOUT`], retries included (connect and
+/// answer), never hangs.
 pub struct RemoteChunks {
     cfg: RemoteConfig,
     layer: String,
@@ -458,6 +458,9 @@ impl RemoteChunks {
             retries: 3,
             keep_alive: true,
             request_timeout: Self::TIMEOUT,
+            // The retries too: a demand read gets its answer or its error
+            // within TIMEOUT, even from a server that accepts and hangs.
+            deadline: Some(Self::TIMEOUT),
         };
         let conn = Arc::new(Connection::open(&self.cfg, &opts)?);
         *c = Some(conn.clone());
