@@ -153,15 +153,27 @@ async fn log_in(c: &Client, base: &str, user: &str) {
     wait_js(c, "return location.pathname", 20, |v| v == "/console").await;
 }
 
-/// Presses Disconnect on the screen page; waits for the home page.
-async fn disconnect(c: &Client) {
+/// Presses Disconnect on the screen page; waits for the home page. On
+/// failure the broker's audit log says who ended what.
+async fn disconnect(c: &Client, env: &Env) {
     c.find(Locator::Css("#disconnect"))
         .await
         .unwrap()
         .click()
         .await
         .unwrap();
-    wait_js(c, "return location.pathname", 20, |v| v == "/console").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while js(c, "return location.pathname").await != "/console" {
+        if Instant::now() > deadline {
+            let audit = env.run(&["--json", "audit", "ls"]);
+            let html = c.source().await.unwrap_or_default();
+            panic!(
+                "Disconnect did not return home; audit:\n{}\npage:\n{html}",
+                String::from_utf8_lossy(&audit.stdout)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// What the page's noVNC canvas shows: `[width, height, distinct colours
@@ -602,7 +614,7 @@ fn users_reach_their_desktops_in_a_real_browser() {
 
         // Disconnect ends the session; the audit log has login, connect and
         // disconnect.
-        disconnect(&pc).await;
+        disconnect(&pc, env).await;
 
         // Keyboard and pointer reach the desktop: a click and "lamina"
         // typed into the canvas arrive as RFB pointer and key events.
@@ -633,18 +645,18 @@ fn users_reach_their_desktops_in_a_real_browser() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        disconnect(&pc).await;
+        disconnect(&pc, env).await;
 
         // A cold start: the VM is created and booted for the connect.
         let v = connect(&pc, &base, "cold", &shots, "cold.png").await;
         assert_eq!((v[0], v[1]), (1280, 800));
-        disconnect(&pc).await;
+        disconnect(&pc, env).await;
 
         // The external desktop, through the same console: the broker
         // answered its VNC password challenge.
         let v = connect(&pc, &base, "vdi", &shots, "external.png").await;
         assert!(v[0] >= 640 && v[1] >= 400, "the desktop's own screen: {v:?}");
-        disconnect(&pc).await;
+        disconnect(&pc, env).await;
 
         // The admin console: hosts with load, pools with their VMs, audit.
         let admin = driver.browser(1280, 1000, None).await;

@@ -276,6 +276,15 @@ fn run(image: &Weak<LayerImage>, store_root: &Path) {
         let secs = t.elapsed().as_secs_f64();
         let mut pause = Duration::ZERO;
         match outcome {
+            Ok(_) if img.cache_full() => {
+                // Nothing was kept: try again later, from the same place
+                // (space may be freed meanwhile).
+                last_error = Some("the cluster cache's file system is full".into());
+                cursor = cursor.min(want.first().map_or(cursor, |(c, _)| *c));
+                profiled = 0;
+                img.clear_cache_full();
+                pause = Duration::from_secs(30);
+            }
             Ok(bytes) => {
                 failures = 0;
                 last_error = None;

@@ -58,6 +58,9 @@ pub struct LayerImage {
     waiting: std::sync::atomic::AtomicUsize,
     /// The boot profile being recorded (a streamed base's first session).
     recorder: Option<crate::stream::Recorder>,
+    /// Set when the cluster cache's file system ran out of space: reads
+    /// are served from what was fetched without keeping it.
+    cache_full: std::sync::atomic::AtomicBool,
 }
 
 /// Counts a demand read waiting on the remote while it lives.
@@ -164,6 +167,7 @@ impl LayerImage {
             nodes: Mutex::new(HashMap::new()),
             cache,
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            cache_full: std::sync::atomic::AtomicBool::new(false),
             recorder: None,
         })
     }
@@ -187,6 +191,18 @@ impl LayerImage {
     /// Demand reads waiting on the remote now.
     pub fn demand_waiting(&self) -> usize {
         self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the cluster cache ran out of space since the last
+    /// [`LayerImage::clear_cache_full`].
+    pub fn cache_full(&self) -> bool {
+        self.cache_full.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Lets the cache be tried again (space may have been freed).
+    pub fn clear_cache_full(&self) {
+        self.cache_full
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Clusters in the cache, and clusters holding data (not holes) of
@@ -346,20 +362,36 @@ impl LayerImage {
             }));
         }
         if let Some(cache) = &self.cache {
-            cache
-                .data
-                .write_all_at(data, c * self.cs)
-                .ctx(&cache.data_path, "write cluster cache")?;
+            // A full file system costs the cache, never the read: the data
+            // in hand answers it, and the cluster stays uncached (fetched
+            // again if read again).
+            let full = |e: &std::io::Error| {
+                let full = [nix::errno::Errno::ENOSPC, nix::errno::Errno::EDQUOT]
+                    .iter()
+                    .any(|n| e.raw_os_error() == Some(*n as i32));
+                if full && !self.cache_full.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(cache = %cache.data_path.display(), "the cluster cache is full: serving clusters without keeping them");
+                }
+                full
+            };
+            match cache.data.write_all_at(data, c * self.cs) {
+                Ok(()) => {}
+                Err(e) if full(&e) => return Ok(()),
+                Err(e) => return Err(Error::io(&cache.data_path, "write cluster cache", e)),
+            }
             let mut b = cache.bits();
+            let wi = (c / 64) as usize;
+            let Some(w) = b.present.get(wi).map(|w| w | (1 << (c % 64))) else {
+                return Ok(());
+            };
+            // The bit is set only once it is on disk.
+            match cache.present_file.write_all_at(&w.to_le_bytes(), wi as u64 * 8) {
+                Ok(()) => {}
+                Err(e) if full(&e) => return Ok(()),
+                Err(e) => return Err(Error::io(&cache.data_path, "write cluster cache", e)),
+            }
             set_bit(&mut b.present, c);
             set_bit(&mut b.verified, c);
-            let wi = (c / 64) as usize;
-            if let Some(w) = b.present.get(wi) {
-                cache
-                    .present_file
-                    .write_all_at(&w.to_le_bytes(), wi as u64 * 8)
-                    .ctx(&cache.data_path, "write cluster cache")?;
-            }
         }
         Ok(())
     }
@@ -530,3 +562,4 @@ impl ReadAt for LayerImage {
         Ok(runs)
     }
 }
+
