@@ -155,7 +155,17 @@ async fn log_in(c: &Client, base: &str, user: &str) {
 
 /// Presses Disconnect on the screen page; waits for the home page. On
 /// failure the broker's audit log says who ended what.
-async fn disconnect(c: &Client, env: &Env) {
+async fn disconnect(c: &Client, env: &Env) -> String {
+    let action = js(
+        c,
+        "return document.querySelector('#disconnect').form.action",
+    )
+    .await;
+    let id = action
+        .as_str()
+        .and_then(|a| a.rsplit('/').nth(1))
+        .unwrap()
+        .to_owned();
     c.find(Locator::Css("#disconnect"))
         .await
         .unwrap()
@@ -174,6 +184,18 @@ async fn disconnect(c: &Client, env: &Env) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Ended by its user's Disconnect, not by anything before it.
+    let audit = env.json(&["audit", "ls"]);
+    let released = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["action"] == "release" && e["detail"].as_str().unwrap_or("").contains(&id));
+    assert!(
+        released,
+        "session {id} ended by its Disconnect; audit:\n{audit}"
+    );
+    id
 }
 
 /// What the page's noVNC canvas shows: `[width, height, distinct colours
@@ -614,7 +636,18 @@ fn users_reach_their_desktops_in_a_real_browser() {
 
         // Disconnect ends the session; the audit log has login, connect and
         // disconnect.
-        disconnect(&pc, env).await;
+        let id = disconnect(&pc, env).await;
+        // Sent again (a double click, a browser's retry of the POST): the
+        // user lands home as well, not on an error.
+        let again = js(
+            &pc,
+            &format!(
+                "const f=new URLSearchParams();f.set('csrf',document.querySelector('input[name=csrf]').value);\
+return fetch('/console/sessions/{id}/end',{{method:'POST',body:f}}).then(r=>[r.status,new URL(r.url).pathname])"
+            ),
+        )
+        .await;
+        assert_eq!(again, json!([200, "/console"]), "a second Disconnect");
 
         // Keyboard and pointer reach the desktop: a click and "lamina"
         // typed into the canvas arrive as RFB pointer and key events.

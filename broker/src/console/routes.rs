@@ -450,6 +450,10 @@ async fn end(
     match st.b.broker.release(&me.caller, &id).await {
         Ok(s) if s.user != me.caller.user => Redirect::to("/console/admin").into_response(),
         Ok(_) => Redirect::to("/console").into_response(),
+        // Ended already (a form sent twice, a browser's retry of a POST
+        // whose answer was lost, an admin's force disconnect): the user
+        // is disconnected either way.
+        Err(crate::Error::NotFound(_)) => Redirect::to("/console").into_response(),
         Err(e) => fail(&e, Some(&me)),
     }
 }
