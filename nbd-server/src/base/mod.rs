@@ -369,7 +369,11 @@ impl LayerImage {
                 let full = [nix::errno::Errno::ENOSPC, nix::errno::Errno::EDQUOT]
                     .iter()
                     .any(|n| e.raw_os_error() == Some(*n as i32));
-                if full && !self.cache_full.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                if full
+                    && !self
+                        .cache_full
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
                     tracing::warn!(cache = %cache.data_path.display(), "the cluster cache is full: serving clusters without keeping them");
                 }
                 full
@@ -385,7 +389,10 @@ impl LayerImage {
                 return Ok(());
             };
             // The bit is set only once it is on disk.
-            match cache.present_file.write_all_at(&w.to_le_bytes(), wi as u64 * 8) {
+            match cache
+                .present_file
+                .write_all_at(&w.to_le_bytes(), wi as u64 * 8)
+            {
                 Ok(()) => {}
                 Err(e) if full(&e) => return Ok(()),
                 Err(e) => return Err(Error::io(&cache.data_path, "write cluster cache", e)),
@@ -562,4 +569,3 @@ impl ReadAt for LayerImage {
         Ok(runs)
     }
 }
-
