@@ -569,33 +569,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_deadline_bounds_a_call_with_its_retries() {
+    /// Calls a silent server once with these options: the error, and how
+    /// many connections the call made.
+    fn attempts(retries: u32, timeout_ms: u64, deadline_ms: Option<u64>) -> (Error, u32) {
         let (url, accepted) = silent_server();
         let opts = ConnectOptions {
-            retries: 3,
+            retries,
             keep_alive: false,
-            request_timeout: Duration::from_millis(700),
-            deadline: Some(Duration::from_millis(1000)),
+            request_timeout: Duration::from_millis(timeout_ms),
+            deadline: deadline_ms.map(Duration::from_millis),
         };
-        let c = Connection::open(&cfg(url), &opts).unwrap();
-        let e = c.whoami().unwrap_err();
+        let e = Connection::open(&cfg(url), &opts)
+            .unwrap()
+            .whoami()
+            .unwrap_err();
+        (e, accepted.load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_deadline_bounds_a_call_with_its_retries() {
+        let (e, n) = attempts(3, 700, Some(1000));
         assert!(matches!(e, Error::RemoteUnreachable { .. }), "{e}");
         // The first attempt took most of the deadline: no retry fits.
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(n, 1);
     }
 
     #[test]
     fn without_a_deadline_each_retry_is_tried() {
-        let (url, accepted) = silent_server();
-        let opts = ConnectOptions {
-            retries: 1,
-            keep_alive: false,
-            request_timeout: Duration::from_millis(300),
-            deadline: None,
-        };
-        let c = Connection::open(&cfg(url), &opts).unwrap();
-        assert!(c.whoami().is_err());
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        let (e, n) = attempts(1, 300, None);
+        assert!(matches!(e, Error::RemoteUnreachable { .. }), "{e}");
+        assert_eq!(n, 2);
     }
 }
