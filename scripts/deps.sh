@@ -22,11 +22,15 @@
 #   chromium chromium-driver    : the console's browser tests (WebDriver)
 #   rsync unison iproute2       : the peers of `lamina bench sync`, and the
 #                                 network namespace and tbf it runs in
+#   librados-dev ceph-mon ceph-osd ceph-mgr ceph-common
+#                               : the RADOS backend (links librados) and the
+#                                 one-node cluster of its tests (scripts/ceph.sh)
 set -euo pipefail
 pkgs=(librocksdb-dev libclang-dev libzstd-dev pkg-config restic util-linux
       libnbd-bin python3-libnbd fio openssl fuse3 fuse-overlayfs
       linux-image-amd64 busybox-static e2fsprogs cpio curl rsync unison iproute2
-      novnc websockify chromium chromium-driver)
+      novnc websockify chromium chromium-driver
+      librados-dev ceph-mon ceph-osd ceph-mgr ceph-common)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
 for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done

@@ -132,6 +132,16 @@ fn set_times(dir: &Path, base: i64) {
     go(dir, base, &mut n);
 }
 
+/// Whether tests run on the embedded backend: tests of pack files on the
+/// local disk don't apply to a store on Ceph (tests/ceph.rs has theirs).
+fn local_backend(test: &str) -> bool {
+    let local = std::env::var("LAMINA_TEST_BACKEND").as_deref() != Ok("rados");
+    if !local {
+        eprintln!("note: {test} tests the local backend's pack files; not run on rados");
+    }
+    local
+}
+
 #[test]
 fn tree_round_trip_keeps_content_and_metadata() {
     let env = Env::new();
@@ -552,6 +562,9 @@ fn unreadable_file_fails_the_import_and_leaves_the_ref() {
 
 #[test]
 fn a_flipped_byte_in_a_pack_is_named_by_fsck() {
+    if !local_backend(stringify!(a_flipped_byte_in_a_pack_is_named_by_fsck)) {
+        return;
+    }
     let env = Env::new();
     let src = env.path("src");
     write(&src.join("data.bin"), &random_bytes(1 << 20, 5));
@@ -591,6 +604,9 @@ fn a_flipped_byte_in_a_pack_is_named_by_fsck() {
 
 #[test]
 fn a_truncated_pack_gives_a_clear_error() {
+    if !local_backend(stringify!(a_truncated_pack_gives_a_clear_error)) {
+        return;
+    }
     let env = Env::new();
     let src = env.path("src");
     write(&src.join("data.bin"), &random_bytes(3 << 20, 6));
@@ -698,6 +714,11 @@ fn text_tree(root: &Path, files: u64, seed: u64) {
 
 #[test]
 fn frames_compress_text_and_a_damaged_frame_is_named() {
+    if !local_backend(stringify!(
+        frames_compress_text_and_a_damaged_frame_is_named
+    )) {
+        return;
+    }
     let env = Env::new();
     let src = env.path("src");
     text_tree(&src, 12, 1);
@@ -790,6 +811,11 @@ fn gc_rewrites_frames_whose_members_are_partly_dead() {
 /// version is not committed.
 #[test]
 fn crashes_between_ordered_steps_leave_a_consistent_store() {
+    if !local_backend(stringify!(
+        crashes_between_ordered_steps_leave_a_consistent_store
+    )) {
+        return;
+    }
     for point in ["pack-forgotten", "pack-rewritten", "import-flushed"] {
         let env = Env::new();
         let gone = env.path("gone");

@@ -2,21 +2,22 @@
 //!
 //! Refs move only by compare-and-swap: [`Store::commit_version`] reads the
 //! ref, compares it with the expected old version and writes the new
-//! version, the ref and a reflog entry in one synced batch, all under the
-//! store's commit lock (other processes are excluded by the writer lock).
+//! version, the ref and a reflog entry in one synced change. The change
+//! carries its expectations (the ref's old target, the layer record), which
+//! the shared tables check atomically with the write: under the store's
+//! commit lock and writer lock for the embedded catalog, by a RADOS
+//! compare-and-swap for a store on Ceph, where other servers write too.
 
 use std::collections::{BinaryHeap, HashMap};
 
-use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions};
+use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::id::{LayerId, VersionId};
 use crate::layer::{check_layer_name, Layer, LayerFormat, LayerKind};
-use crate::store::keys::{
-    layer_ref, prefix_end, reflog_key, reflog_prefix, CF_FILECACHE, CF_LAYERS, CF_RECORDS,
-    CF_REFLOG, CF_REFS, CF_VERSIONS,
-};
+use crate::store::keys::{layer_ref, prefix_end, reflog_key, reflog_prefix, CF_FILECACHE};
+use crate::store::table::{ApplyError, Change, Table};
 use crate::store::{cf, Store};
 use crate::version::{SpecBase, Version, VersionSpec};
 
@@ -55,19 +56,15 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl Store {
-    fn db_err(&self, op: impl Into<String>) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
-        let op = op.into();
-        move |source| Error::Db {
-            path: self.root().join("catalog"),
-            op,
-            source,
+    /// Applies a change with no expectations.
+    pub(crate) fn apply_change(&self, change: &Change, local: WriteBatch) -> Result<()> {
+        match self.tables.apply(change, local) {
+            Ok(()) => Ok(()),
+            Err(ApplyError::Fail(e)) => Err(e),
+            Err(ApplyError::Expect(i)) => Err(Error::InvalidInput(format!(
+                "catalog changed concurrently (expectation {i} of an unconditional change)"
+            ))),
         }
-    }
-
-    pub(crate) fn write_synced(&self, batch: WriteBatch, op: &str) -> Result<()> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(self.db_err(op))
     }
 
     /// Creates a layer.
@@ -92,16 +89,6 @@ impl Store {
     ) -> Result<Layer> {
         self.require_write()?;
         check_layer_name(name)?;
-        let _g = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let layers = cf(&self.db, CF_LAYERS)?;
-        if self
-            .db
-            .get_pinned_cf(layers, name.as_bytes())
-            .map_err(self.db_err("read layer"))?
-            .is_some()
-        {
-            return Err(Error::LayerExists { name: name.into() });
-        }
         let layer = Layer {
             id,
             name: name.into(),
@@ -109,9 +96,9 @@ impl Store {
             format,
             created_ns: now_ns(),
         };
-        let mut batch = WriteBatch::default();
-        batch.put_cf(layers, name.as_bytes(), encode(&layer));
-        self.write_synced(batch, "create layer")?;
+        let mut batch = self.batch()?;
+        batch.put_layer(&layer)?;
+        self.commit(batch)?;
         Ok(layer)
     }
 
@@ -121,9 +108,8 @@ impl Store {
     /// [`Error::LayerNotFound`], catalog failures.
     pub fn layer(&self, name: &str) -> Result<Layer> {
         let v = self
-            .db
-            .get_pinned_cf(cf(&self.db, CF_LAYERS)?, name.as_bytes())
-            .map_err(self.db_err("read layer"))?
+            .tables
+            .get(Table::Layers, name.as_bytes())?
             .ok_or_else(|| Error::LayerNotFound { name: name.into() })?;
         postcard::from_bytes(&v).map_err(corrupt(format!("layers/{name}")))
     }
@@ -134,16 +120,13 @@ impl Store {
     /// Catalog failures.
     pub fn layers(&self) -> Result<Vec<Layer>> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(cf(&self.db, CF_LAYERS)?, IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(self.db_err("list layers"))?;
+        self.tables.scan(Table::Layers, &[], &mut |k, v| {
             out.push(
-                postcard::from_bytes(&v)
-                    .map_err(corrupt(format!("layers/{}", String::from_utf8_lossy(&k))))?,
+                postcard::from_bytes(v)
+                    .map_err(corrupt(format!("layers/{}", String::from_utf8_lossy(k))))?,
             );
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -152,10 +135,7 @@ impl Store {
     /// # Errors
     /// Catalog failures.
     pub fn ref_target(&self, name: &str) -> Result<Option<VersionId>> {
-        let v = self
-            .db
-            .get_pinned_cf(cf(&self.db, CF_REFS)?, name.as_bytes())
-            .map_err(self.db_err("read ref"))?;
+        let v = self.tables.get(Table::Refs, name.as_bytes())?;
         v.map(|v| {
             VersionId::from_slice(&v).ok_or_else(|| Error::RecordCorrupt {
                 what: format!("refs/{name}"),
@@ -171,18 +151,15 @@ impl Store {
     /// Catalog failures.
     pub fn refs(&self) -> Result<Vec<(String, VersionId)>> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(cf(&self.db, CF_REFS)?, IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(self.db_err("list refs"))?;
-            let name = String::from_utf8_lossy(&k).into_owned();
-            let id = VersionId::from_slice(&v).ok_or_else(|| Error::RecordCorrupt {
+        self.tables.scan(Table::Refs, &[], &mut |k, v| {
+            let name = String::from_utf8_lossy(k).into_owned();
+            let id = VersionId::from_slice(v).ok_or_else(|| Error::RecordCorrupt {
                 what: format!("refs/{name}"),
                 reason: format!("{} bytes, expected 32", v.len()),
             })?;
             out.push((name, id));
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -200,9 +177,8 @@ impl Store {
     /// [`Error::VersionCorrupt`] if absent or damaged, catalog failures.
     pub fn version(&self, id: VersionId) -> Result<Version> {
         let v = self
-            .db
-            .get_pinned_cf(cf(&self.db, CF_VERSIONS)?, id.as_bytes())
-            .map_err(self.db_err("read version"))?
+            .tables
+            .get(Table::Versions, id.as_bytes())?
             .ok_or_else(|| Error::VersionCorrupt {
                 id,
                 reason: "missing from the catalog".into(),
@@ -215,11 +191,7 @@ impl Store {
     /// # Errors
     /// Catalog failures.
     pub fn has_version(&self, id: VersionId) -> Result<bool> {
-        Ok(self
-            .db
-            .get_pinned_cf(cf(&self.db, CF_VERSIONS)?, id.as_bytes())
-            .map_err(self.db_err("read version"))?
-            .is_some())
+        Ok(self.tables.get(Table::Versions, id.as_bytes())?.is_some())
     }
 
     /// The layer named `name`, or `None`.
@@ -259,26 +231,16 @@ impl Store {
         let even = &prefix[..prefix.len() - prefix.len() % 2];
         let start =
             hex::decode(even).map_err(|_| Error::InvalidInput(format!("bad version `{spec}`")))?;
-        let versions = cf(&self.db, CF_VERSIONS)?;
         let mut found = Vec::new();
-        let iter = self
-            .db
-            .iterator_cf(versions, IteratorMode::From(&start, Direction::Forward));
-        for item in iter {
-            let (k, v) = item.map_err(self.db_err("search versions"))?;
-            if !k.starts_with(&start) {
-                break;
-            }
-            let Some(id) = VersionId::from_slice(&k) else {
-                continue;
+        self.tables.scan(Table::Versions, &start, &mut |k, v| {
+            let Some(id) = VersionId::from_slice(k) else {
+                return Ok(true);
             };
-            if !id.to_hex().starts_with(prefix) {
-                continue;
-            }
-            if Version::decode(id, &v)?.layer == layer.id {
+            if id.to_hex().starts_with(prefix) && Version::decode(id, v)?.layer == layer.id {
                 found.push(id);
             }
-        }
+            Ok(true)
+        })?;
         match found.len() {
             0 => Err(Error::VersionNotFound {
                 layer: layer.name.clone(),
@@ -335,6 +297,8 @@ impl Store {
         Ok(Batch {
             store: self,
             inner: WriteBatch::default(),
+            change: Change::default(),
+            expect_what: Vec::new(),
             refs: HashMap::new(),
             seqs: HashMap::new(),
             _guard: self.commit_lock.lock().unwrap_or_else(|p| p.into_inner()),
@@ -346,7 +310,34 @@ impl Store {
     /// # Errors
     /// Catalog failures.
     pub fn commit(&self, batch: Batch<'_>) -> Result<()> {
-        self.write_synced(batch.inner, "commit catalog batch")
+        let Batch {
+            inner,
+            change,
+            expect_what,
+            ..
+        } = batch;
+        match self.tables.apply(&change, inner) {
+            Ok(()) => Ok(()),
+            Err(ApplyError::Fail(e)) => Err(e),
+            Err(ApplyError::Expect(i)) => Err(self.broken_expectation(expect_what.get(i))),
+        }
+    }
+
+    /// The error for an expectation that another writer broke.
+    fn broken_expectation(&self, what: Option<&Expected>) -> Error {
+        let show = |v: Option<VersionId>| v.map_or_else(|| "nothing".into(), |v| v.short());
+        match what {
+            Some(Expected::Ref { name, target }) => Error::RefConflict {
+                name: name.clone(),
+                expected: show(*target),
+                found: self
+                    .ref_target(name)
+                    .map_or_else(|e| format!("unreadable ({e})"), show),
+            },
+            Some(Expected::NoLayer(name)) => Error::LayerExists { name: name.clone() },
+            Some(Expected::Layer(name)) => Error::LayerNotFound { name: name.clone() },
+            None => Error::InvalidInput("the catalog changed concurrently".into()),
+        }
     }
 
     /// Writes `version` and moves the head of `layer` to it, provided the
@@ -373,26 +364,17 @@ impl Store {
 
     fn next_reflog_seq(&self, name: &str) -> Result<u64> {
         let prefix = reflog_prefix(name);
-        let reflog = cf(&self.db, CF_REFLOG)?;
-        let end = prefix_end(&prefix);
-        let mode = match &end {
-            Some(end) => IteratorMode::From(end, Direction::Reverse),
-            None => IteratorMode::End,
+        let Some(k) = self.tables.last_key(Table::Reflog, &prefix)? else {
+            return Ok(0);
         };
-        for item in self.db.iterator_cf(reflog, mode) {
-            let (k, _) = item.map_err(self.db_err("read reflog"))?;
-            if let Some(seq) = k.strip_prefix(prefix.as_slice()) {
-                let seq = <[u8; 8]>::try_from(seq).map_err(|_| Error::RecordCorrupt {
-                    what: format!("reflog of {name}"),
-                    reason: "bad sequence number".into(),
-                })?;
-                return Ok(u64::from_be_bytes(seq) + 1);
-            }
-            if k.as_ref() < prefix.as_slice() {
-                break;
-            }
-        }
-        Ok(0)
+        let seq = k
+            .strip_prefix(prefix.as_slice())
+            .and_then(|s| <[u8; 8]>::try_from(s).ok())
+            .ok_or_else(|| Error::RecordCorrupt {
+                what: format!("reflog of {name}"),
+                reason: "bad sequence number".into(),
+            })?;
+        Ok(u64::from_be_bytes(seq) + 1)
     }
 
     /// A named record of `kind` (e.g. a disk definition), if present.
@@ -400,11 +382,7 @@ impl Store {
     /// # Errors
     /// Catalog failures.
     pub fn record(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .get_pinned_cf(cf(&self.db, CF_RECORDS)?, record_key(kind, name))
-            .map_err(self.db_err("read record"))?
-            .map(|v| v.to_vec()))
+        self.tables.get(Table::Records, &record_key(kind, name))
     }
 
     /// Every record of `kind`, by name.
@@ -414,16 +392,11 @@ impl Store {
     pub fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let prefix = record_key(kind, "");
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(
-            cf(&self.db, CF_RECORDS)?,
-            IteratorMode::From(&prefix, Direction::Forward),
-        ) {
-            let (k, v) = item.map_err(self.db_err("list records"))?;
-            let Some(name) = k.strip_prefix(prefix.as_slice()) else {
-                break;
-            };
+        self.tables.scan(Table::Records, &prefix, &mut |k, v| {
+            let name = &k[prefix.len()..];
             out.push((String::from_utf8_lossy(name).into_owned(), v.to_vec()));
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -448,20 +421,12 @@ impl Store {
         prefix: &[u8],
         f: &mut dyn FnMut(&[u8], ReflogEntry) -> Result<()>,
     ) -> Result<()> {
-        let reflog = cf(&self.db, CF_REFLOG)?;
-        for item in self
-            .db
-            .iterator_cf(reflog, IteratorMode::From(prefix, Direction::Forward))
-        {
-            let (k, v) = item.map_err(self.db_err("read reflog"))?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            let e = postcard::from_bytes(&v)
-                .map_err(corrupt(format!("reflog/{}", String::from_utf8_lossy(&k))))?;
-            f(&k, e)?;
-        }
-        Ok(())
+        self.tables.scan(Table::Reflog, prefix, &mut |k, v| {
+            let e = postcard::from_bytes(v)
+                .map_err(corrupt(format!("reflog/{}", String::from_utf8_lossy(k))))?;
+            f(k, e)?;
+            Ok(true)
+        })
     }
 
     /// Removes a layer and its head ref. The move is journalled, so its
@@ -479,9 +444,15 @@ impl Store {
     /// [`Store::remove_layer`] as part of `batch`.
     pub(crate) fn remove_layer_in(&self, batch: &mut Batch<'_>, name: &str) -> Result<()> {
         let layer = self.layer(name)?;
+        batch.expect(
+            Table::Layers,
+            name.as_bytes(),
+            Some(encode(&layer)),
+            Expected::Layer(name.to_owned()),
+        );
         batch
-            .inner
-            .delete_cf(cf(&self.db, CF_LAYERS)?, name.as_bytes());
+            .change
+            .delete((Table::Layers, name.as_bytes().to_vec()));
         let r = layer_ref(name);
         let head = self.ref_target(&r)?;
         if head.is_some() {
@@ -499,11 +470,9 @@ impl Store {
     /// Drops every reflog entry of ref `name` (in `batch`, after any move
     /// of it that the batch journals), so gc no longer keeps what they name.
     pub(crate) fn drop_reflog_in(&self, batch: &mut Batch<'_>, name: &str) -> Result<()> {
-        let reflog = cf(&self.db, CF_REFLOG)?;
-        let start = reflog_prefix(name);
-        if let Some(end) = prefix_end(&start) {
-            batch.inner.delete_range_cf(reflog, start, end);
-        }
+        batch
+            .change
+            .delete_prefix((Table::Reflog, reflog_prefix(name)));
         Ok(())
     }
 }
@@ -520,7 +489,12 @@ fn record_key(kind: &str, name: &str) -> Vec<u8> {
 /// moves (compare-and-swap, journalled) and, for the crate, raw writes.
 pub struct Batch<'s> {
     store: &'s Store,
+    /// Writes to the store's own RocksDB (the import cache).
     pub(crate) inner: WriteBatch,
+    /// Writes to the shared tables, with their expectations.
+    pub(crate) change: Change,
+    /// What each expectation of `change` stands for, to name a conflict.
+    expect_what: Vec<Expected>,
     /// Targets planned by this batch, so a second move of the same ref in
     /// it compares against the first.
     refs: HashMap<String, Option<VersionId>>,
@@ -528,7 +502,26 @@ pub struct Batch<'s> {
     _guard: std::sync::MutexGuard<'s, ()>,
 }
 
+/// What an expectation of a batch stands for.
+#[derive(Debug, Clone)]
+enum Expected {
+    /// Ref `name` is at `target`.
+    Ref {
+        name: String,
+        target: Option<VersionId>,
+    },
+    /// No layer is named so.
+    NoLayer(String),
+    /// The layer is still the one the batch was built for.
+    Layer(String),
+}
+
 impl Batch<'_> {
+    fn expect(&mut self, t: Table, key: &[u8], value: Option<Vec<u8>>, what: Expected) {
+        self.change.expect.push((t, key.to_vec(), value));
+        self.expect_what.push(what);
+    }
+
     /// Where this batch moves ref `name`, if it moves it (`None` also when
     /// it deletes it).
     pub fn planned(&self, name: &str) -> Option<VersionId> {
@@ -551,8 +544,8 @@ impl Batch<'_> {
     /// # Errors
     /// Catalog failures.
     pub fn put_record(&mut self, kind: &str, name: &str, value: &[u8]) -> Result<()> {
-        let c = cf(&self.store.db, CF_RECORDS)?;
-        self.inner.put_cf(c, record_key(kind, name), value);
+        self.change
+            .put((Table::Records, record_key(kind, name), value.to_vec()));
         Ok(())
     }
 
@@ -561,8 +554,7 @@ impl Batch<'_> {
     /// # Errors
     /// Catalog failures.
     pub fn delete_record(&mut self, kind: &str, name: &str) -> Result<()> {
-        let c = cf(&self.store.db, CF_RECORDS)?;
-        self.inner.delete_cf(c, record_key(kind, name));
+        self.change.delete((Table::Records, record_key(kind, name)));
         Ok(())
     }
 
@@ -572,20 +564,20 @@ impl Batch<'_> {
     /// [`Error::LayerExists`] for a taken name, catalog failures.
     pub fn put_layer(&mut self, layer: &Layer) -> Result<()> {
         check_layer_name(&layer.name)?;
-        let layers = cf(&self.store.db, CF_LAYERS)?;
-        if self
-            .store
-            .db
-            .get_pinned_cf(layers, layer.name.as_bytes())
-            .map_err(self.store.db_err("read layer"))?
-            .is_some()
-        {
+        let key = layer.name.as_bytes();
+        if self.store.tables.get(Table::Layers, key)?.is_some() {
             return Err(Error::LayerExists {
                 name: layer.name.clone(),
             });
         }
-        self.inner
-            .put_cf(layers, layer.name.as_bytes(), encode(layer));
+        self.expect(
+            Table::Layers,
+            key,
+            None,
+            Expected::NoLayer(layer.name.clone()),
+        );
+        self.change
+            .put((Table::Layers, key.to_vec(), encode(layer)));
         Ok(())
     }
 
@@ -595,8 +587,8 @@ impl Batch<'_> {
     /// Catalog failures.
     pub fn put_version(&mut self, version: &Version) -> Result<VersionId> {
         let (id, bytes) = version.encode();
-        self.inner
-            .put_cf(cf(&self.store.db, CF_VERSIONS)?, id.as_bytes(), &bytes);
+        self.change
+            .put((Table::Versions, id.as_bytes().to_vec(), bytes));
         Ok(id)
     }
 
@@ -613,11 +605,18 @@ impl Batch<'_> {
         new: VersionId,
         action: &str,
     ) -> Result<()> {
-        if self.store.layer(&layer.name)?.id != layer.id {
+        let current = self.store.layer(&layer.name)?;
+        if current.id != layer.id {
             return Err(Error::LayerNotFound {
                 name: layer.name.clone(),
             });
         }
+        self.expect(
+            Table::Layers,
+            layer.name.as_bytes(),
+            Some(encode(&current)),
+            Expected::Layer(layer.name.clone()),
+        );
         self.move_ref(&layer_ref(&layer.name), expected, Some(new), action)
     }
 
@@ -645,10 +644,23 @@ impl Batch<'_> {
                 found: show(current),
             });
         }
-        let refs = cf(&self.store.db, CF_REFS)?;
+        if !self.refs.contains_key(name) {
+            // The first move of the ref in this batch: the shared tables
+            // check, atomically with the write, that nobody moved it since.
+            self.expect(
+                Table::Refs,
+                name.as_bytes(),
+                current.map(|v| v.as_bytes().to_vec()),
+                Expected::Ref {
+                    name: name.to_owned(),
+                    target: current,
+                },
+            );
+        }
+        let key = name.as_bytes().to_vec();
         match new {
-            Some(v) => self.inner.put_cf(refs, name.as_bytes(), v.as_bytes()),
-            None => self.inner.delete_cf(refs, name.as_bytes()),
+            Some(v) => self.change.put((Table::Refs, key, v.as_bytes().to_vec())),
+            None => self.change.delete((Table::Refs, key)),
         }
         let entry = ReflogEntry {
             old: current,
@@ -662,11 +674,8 @@ impl Batch<'_> {
         };
         self.seqs.insert(name.to_owned(), seq + 1);
         self.refs.insert(name.to_owned(), new);
-        self.inner.put_cf(
-            cf(&self.store.db, CF_REFLOG)?,
-            reflog_key(name, seq),
-            encode(&entry),
-        );
+        self.change
+            .put((Table::Reflog, reflog_key(name, seq), encode(&entry)));
         Ok(())
     }
 }

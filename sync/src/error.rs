@@ -81,6 +81,16 @@ pub enum Error {
         /// The chunk.
         id: ChunkId,
     },
+    /// A librados call failed (the cluster down or unreachable, a missing
+    /// pool, a full cluster).
+    #[error("RADOS pool {pool}")]
+    Rados {
+        /// The pool.
+        pool: String,
+        /// Cause.
+        #[source]
+        source: crate::rados::RadosError,
+    },
     /// A RocksDB operation failed.
     #[error("catalog {path}: {op}")]
     Db {
@@ -303,7 +313,7 @@ impl Error {
             | Error::PackTruncated { .. }
             | Error::RecordCorrupt { .. }
             | Error::VersionCorrupt { .. } => ErrorKind::Corrupt,
-            Error::Db { .. } => ErrorKind::Io,
+            Error::Db { .. } | Error::Rados { .. } => ErrorKind::Io,
             Error::Io { source, .. } => match source.kind() {
                 io::ErrorKind::NotFound => ErrorKind::NotFound,
                 io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,

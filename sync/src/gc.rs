@@ -22,7 +22,8 @@ use crate::id::{ChunkId, VersionId};
 use crate::import::{cache_entry_chunks, CacheEntry};
 use crate::progress::Progress;
 use crate::reach::{roots, Reach, Visitor, Where};
-use crate::store::keys::{CF_FILECACHE, CF_REFLOG, CF_VERSIONS};
+use crate::store::keys::CF_FILECACHE;
+use crate::store::table::{Change, Table};
 use crate::store::{cf, Access, Store};
 
 /// How to collect.
@@ -85,7 +86,7 @@ impl Store {
                 "garbage collection needs the store opened with gc access".into(),
             ));
         }
-        let _guard = self.gc_guard.write().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.gc_exclusive()?;
         let mut report = GcReport {
             dry_run: opts.dry_run,
             ..GcReport::default()
@@ -116,20 +117,15 @@ impl Store {
             Ok(())
         })?;
         report.chunks_removed = dead.len() as u64;
-        let versions = cf(&self.db, CF_VERSIONS)?;
-        let mut dead_versions = WriteBatch::default();
-        for item in self.db.iterator_cf(versions, IteratorMode::Start) {
-            let (k, _) = item.map_err(|source| Error::Db {
-                path: self.root().join("catalog"),
-                op: "read versions".into(),
-                source,
-            })?;
-            let known = VersionId::from_slice(&k).is_some_and(|v| reach.versions.contains(&v));
+        let mut dead_versions = Change::default();
+        self.tables.scan(Table::Versions, &[], &mut |k, _| {
+            let known = VersionId::from_slice(k).is_some_and(|v| reach.versions.contains(&v));
             if !known {
-                dead_versions.delete_cf(versions, &k);
+                dead_versions.delete((Table::Versions, k.to_vec()));
                 report.versions_removed += 1;
             }
-        }
+            Ok(true)
+        })?;
         if opts.dry_run {
             return Ok(report);
         }
@@ -137,7 +133,7 @@ impl Store {
         // unreachable chunks (the next gc takes them), never a version
         // whose manifest is gone.
         if report.versions_removed > 0 {
-            self.write_synced(dead_versions, "remove unreachable versions")?;
+            self.apply_change(&dead_versions, WriteBatch::default())?;
         }
         report.cache_entries_dropped = self.prune_cache(&reach.chunks)?;
         for batch in dead.chunks(16 * 1024) {
@@ -157,18 +153,17 @@ impl Store {
 
     fn expire_reflog(&self, age: Duration, dry_run: bool) -> Result<u64> {
         let cutoff = now_ns().saturating_sub(i64::try_from(age.as_nanos()).unwrap_or(i64::MAX));
-        let mut batch = WriteBatch::default();
-        let reflog = cf(&self.db, CF_REFLOG)?;
+        let mut change = Change::default();
         let mut n = 0;
         self.each_reflog(&[], &mut |key, e| {
             if e.time_ns < cutoff {
-                batch.delete_cf(reflog, key);
+                change.delete((Table::Reflog, key.to_vec()));
                 n += 1;
             }
             Ok(())
         })?;
         if !dry_run && n > 0 {
-            self.write_synced(batch, "expire reflog")?;
+            self.apply_change(&change, WriteBatch::default())?;
         }
         Ok(n)
     }
@@ -199,7 +194,7 @@ impl Store {
             }
         }
         if dropped > 0 {
-            self.write_synced(batch, "prune import cache")?;
+            self.apply_change(&Change::default(), batch)?;
         }
         Ok(dropped)
     }

@@ -88,8 +88,10 @@ mod pin;
 mod policy;
 mod progress;
 pub mod protocol;
+pub mod rados;
 mod reach;
 pub mod remote;
+mod replicate;
 pub mod sign;
 mod store;
 pub mod transfer;
@@ -112,5 +114,8 @@ pub use import::{read_meta, DiskSource, ImportOptions, ImportReport, ImportStats
 pub use layer::{check_layer_name, Layer, LayerFormat, LayerKind};
 pub use policy::ConflictPolicy;
 pub use progress::{NoProgress, Progress};
-pub use store::{writer_waiting, Access, GcPin, LockWait, OpenOptions, Store, WaitNotice};
+pub use replicate::ReplicateReport;
+pub use store::{
+    writer_waiting, Access, GcPin, LockWait, OpenOptions, Store, StoreBackend, WaitNotice,
+};
 pub use version::{split_layer_spec, SpecBase, Version, VersionSpec};

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod ceph;
 pub mod fuse;
 pub mod guest;
 pub mod net;
@@ -42,18 +43,57 @@ pub fn require(cond: bool, what: &str) -> bool {
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub store: PathBuf,
+    /// The pool of a store on Ceph.
+    pub pool: Option<ceph::TestPool>,
 }
 
 impl Env {
+    /// A new store: embedded, or on a new pool of the test cluster when
+    /// `LAMINA_TEST_BACKEND=rados` (the store tests run both ways in CI).
     pub fn new() -> Env {
+        if std::env::var("LAMINA_TEST_BACKEND").as_deref() == Ok("rados") {
+            let conf = ceph::cluster().expect("LAMINA_TEST_BACKEND=rados needs a Ceph cluster");
+            return Env::on_pool(ceph::TestPool::new(&conf, "env"));
+        }
+        let env = Env::empty();
+        env.ok(&["init"]);
+        env
+    }
+
+    /// A directory with no store yet.
+    pub fn empty() -> Env {
         let dir = tempfile::Builder::new()
             .prefix("lamina-test-")
             .tempdir()
             .unwrap();
         let store = dir.path().join("store");
-        let env = Env { dir, store };
-        env.ok(&["init"]);
+        Env {
+            dir,
+            store,
+            pool: None,
+        }
+    }
+
+    /// A store on `pool` (joining the store there if it has one).
+    pub fn on_pool(pool: ceph::TestPool) -> Env {
+        let mut env = Env::empty();
+        env.ok(&[
+            "init".as_ref(),
+            "--backend".as_ref(),
+            "rados".as_ref(),
+            "--pool".as_ref(),
+            pool.name.as_str().as_ref(),
+            "--ceph-conf".as_ref(),
+            pool.conf.as_os_str(),
+        ]);
+        env.pool = Some(pool);
         env
+    }
+
+    /// Whether the store is the embedded one (tests of pack files on disk
+    /// apply to it only).
+    pub fn local(&self) -> bool {
+        self.pool.is_none()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -154,8 +194,14 @@ impl Env {
         v["version"].as_str().unwrap().to_owned()
     }
 
+    /// Bytes the store occupies: its directory, or its pool's pack objects.
     pub fn store_size(&self) -> u64 {
-        dir_size(&self.store)
+        if self.local() {
+            return dir_size(&self.store);
+        }
+        self.json(&["store", "stats"])["disk_bytes"]
+            .as_u64()
+            .unwrap()
     }
 }
 

@@ -44,8 +44,8 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create an empty store
-    Init,
+    /// Create an empty store (embedded, or on a Ceph pool)
+    Init(InitArgs),
     /// Create, import, list and export layers
     #[command(subcommand)]
     Layer(LayerCommand),
@@ -131,9 +131,71 @@ pub enum Command {
     Disseminate(DisseminateArgs),
     /// Gather each member's current version of a path from their data layers
     Collect(CollectArgs),
+    /// The store itself: its backend's totals, moving it onto Ceph
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Measure Lamina against the tools a user would use instead
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Where a store keeps its chunks and catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// Pack files and RocksDB in the store directory
+    Local,
+    /// A Ceph pool (librados); several servers may share it
+    Rados,
+}
+
+/// Where a store on Ceph is.
+#[derive(Debug, Clone, Args)]
+pub struct CephArgs {
+    /// RADOS pool (created if missing)
+    #[arg(long, value_name = "POOL")]
+    pub pool: Option<String>,
+    /// ceph.conf of the cluster [default: librados' search, $CEPH_CONF]
+    #[arg(long, value_name = "FILE", env = "CEPH_CONF")]
+    pub ceph_conf: Option<PathBuf>,
+    /// Ceph user, without `client.`
+    #[arg(long, value_name = "USER", default_value = "admin")]
+    pub ceph_user: String,
+    /// Seconds after which cluster operations give up
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub ceph_timeout: u32,
+}
+
+/// `lamina store ...`
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Backend, chunks and bytes (plain, stored, occupied)
+    Stats,
+    /// Copy this embedded store onto a Ceph pool (resumable: run it again
+    /// after an interruption)
+    Migrate(MigrateArgs),
+}
+
+/// `lamina store migrate`
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Destination backend
+    #[arg(long, value_enum)]
+    pub to: BackendKind,
+    #[command(flatten)]
+    pub ceph: CephArgs,
+    /// Directory of the new store on the pool [default: STORE.rados beside this store]
+    #[arg(long, value_name = "DIR")]
+    pub into: Option<PathBuf>,
+}
+
+/// `lamina init`
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Where chunks and the catalog live
+    #[arg(long, value_enum, default_value = "local")]
+    pub backend: BackendKind,
+    #[command(flatten)]
+    pub ceph: CephArgs,
 }
 
 /// `lamina layer ...`

@@ -107,7 +107,7 @@ pub(crate) fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Init => cmd::store::init(cli, out),
+        Command::Init(args) => cmd::store::init(cli, args, out),
         Command::Layer(c) => cmd::layer::run(cli, out, c),
         Command::Disk(c) => cmd::disk::run(cli, out, c),
         Command::Serve(a) => cmd::serve::run(cli, out, a),
@@ -119,6 +119,7 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Fsck => cmd::store::fsck(cli, out),
         Command::Gc(args) => cmd::store::gc(cli, out, args),
         Command::Vm(c) => cmd::vm::run(cli, out, c),
+        Command::Store(c) => cmd::store::store(cli, out, c),
         Command::Bench(c) => bench::run(cli, out, c),
         Command::Hotel(c) => cmd::hotel::run(cli, out, c),
         Command::Bundle(c) => cmd::bundle::run(cli, out, c),

@@ -182,7 +182,7 @@ impl Gate {
         let mut pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
         match pin.as_mut() {
             Some((_, until)) => *until = Instant::now() + UPLOAD_PIN,
-            None => *pin = Some((GcPin::acquire(&self.root)?, Instant::now() + UPLOAD_PIN)),
+            None => *pin = Some((self.read()?.gc_pin()?, Instant::now() + UPLOAD_PIN)),
         }
         Ok(())
     }

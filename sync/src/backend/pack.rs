@@ -26,7 +26,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::chunk::{Compression, MAX_CHUNK_BYTES};
+use crate::chunk::{
+    unseal, unseal_frame, Compression, Sealed, SealedChunk, SealedFrame, Sealer, MAX_CHUNK_BYTES,
+};
+use crate::error::Error;
 use crate::id::{ChunkId, PackId, HASH_LEN};
 
 /// Magic of a pack header.
@@ -355,6 +358,300 @@ pub fn parse_pack_name(name: &str) -> Option<PackId> {
         return None;
     }
     u64::from_str_radix(hex, 16).ok().map(PackId)
+}
+
+/// A decompressed frame: its table and plain bytes.
+pub(crate) struct PlainFrame {
+    pub header: FrameHeader,
+    pub plain: Vec<u8>,
+}
+
+/// A record that does not match its index entry.
+pub(crate) fn record_corrupt(
+    entry: &IndexEntry,
+    id: ChunkId,
+    reason: impl std::fmt::Display,
+) -> Error {
+    Error::PackCorrupt {
+        pack: entry.pack,
+        offset: entry.offset,
+        reason: format!("chunk {id}: {reason}"),
+    }
+}
+
+/// Checks that a chunk record matches its index entry; returns the
+/// header and stored bytes.
+pub(crate) fn parse_chunk_record(
+    id: ChunkId,
+    entry: &IndexEntry,
+    mut record: Vec<u8>,
+) -> crate::error::Result<(RecordHeader, Vec<u8>)> {
+    let header = RecordHeader::parse(&record).map_err(|r| record_corrupt(entry, id, r))?;
+    let expected = RecordKind::Chunk(header.compression);
+    if header.id != id
+        || header.plain_len != entry.plain_len
+        || header.record_len() != u64::from(entry.record_len)
+        || entry.kind != expected
+    {
+        return Err(record_corrupt(
+            entry,
+            id,
+            format!(
+                "record header (chunk {}, {} bytes) does not match the index entry",
+                header.id, header.stored_len
+            ),
+        ));
+    }
+    Ok((header, record.split_off(RECORD_HEADER_LEN)))
+}
+
+/// Parses and decompresses a frame record.
+pub(crate) fn parse_frame_record(
+    id: ChunkId,
+    entry: &IndexEntry,
+    record: &[u8],
+) -> crate::error::Result<PlainFrame> {
+    let header = FrameHeader::parse(record).map_err(|r| record_corrupt(entry, id, r))?;
+    if header.record_len() != u64::from(entry.record_len) {
+        return Err(record_corrupt(
+            entry,
+            id,
+            "frame length does not match the index entry",
+        ));
+    }
+    let plain = unseal_frame(header.plain_len, &record[header.table_end()..]).map_err(|r| {
+        Error::ChunkCorrupt {
+            id,
+            reason: format!(
+                "{r} (frame in pack {}, offset {})",
+                entry.pack, entry.offset
+            ),
+        }
+    })?;
+    Ok(PlainFrame { header, plain })
+}
+
+/// The record of chunk `id` as stored (see `ChunkBackend::get_sealed`).
+pub(crate) fn sealed_of_record(
+    id: ChunkId,
+    entry: &IndexEntry,
+    record: Vec<u8>,
+) -> crate::error::Result<Sealed> {
+    match entry.kind {
+        RecordKind::Chunk(_) => {
+            let (header, data) = parse_chunk_record(id, entry, record)?;
+            Ok(Sealed::Chunk(SealedChunk {
+                id,
+                plain_len: header.plain_len,
+                compression: header.compression,
+                data,
+            }))
+        }
+        RecordKind::Frame { .. } => {
+            let header = FrameHeader::parse(&record).map_err(|r| record_corrupt(entry, id, r))?;
+            if header.record_len() != u64::from(entry.record_len)
+                || !header.members.iter().any(|(m, _)| *m == id)
+            {
+                return Err(record_corrupt(
+                    entry,
+                    id,
+                    "frame does not match the index entry",
+                ));
+            }
+            let data = record[header.table_end()..].to_vec();
+            Ok(Sealed::Frame(SealedFrame {
+                members: header.members,
+                plain_len: header.plain_len,
+                data,
+            }))
+        }
+    }
+}
+
+fn located(entry: &IndexEntry) -> impl FnOnce(Error) -> Error + '_ {
+    move |e| match e {
+        Error::ChunkCorrupt { id, reason } => Error::ChunkCorrupt {
+            id,
+            reason: format!("{reason} (pack {}, offset {})", entry.pack, entry.offset),
+        },
+        other => other,
+    }
+}
+
+/// The plain bytes of chunk `id` from its (non-frame) record, verified.
+pub(crate) fn chunk_of_record(
+    id: ChunkId,
+    entry: &IndexEntry,
+    record: Vec<u8>,
+) -> crate::error::Result<Vec<u8>> {
+    let (header, stored) = parse_chunk_record(id, entry, record)?;
+    unseal(id, header.plain_len, header.compression, stored).map_err(located(entry))
+}
+
+/// The plain bytes of member `id` of a decompressed frame, verified.
+pub(crate) fn frame_member(
+    id: ChunkId,
+    entry: &IndexEntry,
+    frame: &PlainFrame,
+) -> crate::error::Result<Vec<u8>> {
+    let RecordKind::Frame { member_offset } = entry.kind else {
+        return Err(record_corrupt(entry, id, "not a frame member"));
+    };
+    let member = frame
+        .header
+        .offsets()
+        .find(|&(mid, off, len)| mid == id && off == member_offset && len == entry.plain_len);
+    if member.is_none() {
+        return Err(record_corrupt(
+            entry,
+            id,
+            "not a member of the frame its index entry names",
+        ));
+    }
+    let start = member_offset as usize;
+    let plain = frame
+        .plain
+        .get(start..start + entry.plain_len as usize)
+        .ok_or_else(|| record_corrupt(entry, id, "member past the end of the frame"))?
+        .to_vec();
+    unseal(id, entry.plain_len, Compression::None, plain).map_err(located(entry))
+}
+
+/// Appends the record of `sealed` at pack offset `offset` to `buf` and
+/// returns the record's length and its members' index entries.
+pub(crate) fn append_record(
+    buf: &mut Vec<u8>,
+    pack: PackId,
+    offset: u64,
+    sealed: &Sealed,
+) -> (u64, Vec<(ChunkId, IndexEntry)>) {
+    match sealed {
+        Sealed::Chunk(c) => {
+            let header = RecordHeader {
+                id: c.id,
+                compression: c.compression,
+                plain_len: c.plain_len,
+                stored_len: c.data.len() as u32,
+            };
+            buf.extend_from_slice(&header.encode());
+            buf.extend_from_slice(&c.data);
+            let len = header.record_len();
+            let entry = IndexEntry {
+                pack,
+                offset,
+                record_len: len as u32,
+                plain_len: c.plain_len,
+                kind: RecordKind::Chunk(c.compression),
+            };
+            (len, vec![(c.id, entry)])
+        }
+        Sealed::Frame(f) => {
+            let header = FrameHeader {
+                members: f.members.clone(),
+                plain_len: f.plain_len,
+                stored_len: f.data.len() as u32,
+            };
+            buf.extend_from_slice(&header.encode());
+            buf.extend_from_slice(&f.data);
+            let len = header.record_len();
+            let entries = header
+                .offsets()
+                .map(|(id, member_offset, plain_len)| {
+                    let entry = IndexEntry {
+                        pack,
+                        offset,
+                        record_len: len as u32,
+                        plain_len,
+                        kind: RecordKind::Frame { member_offset },
+                    };
+                    (id, entry)
+                })
+                .collect();
+            (len, entries)
+        }
+    }
+}
+
+/// Re-seals the live members of one record for a rewrite.
+pub(crate) fn reseal_record(
+    sealer: &mut Sealer,
+    members: &[(ChunkId, IndexEntry)],
+    record: Vec<u8>,
+) -> crate::error::Result<Vec<Sealed>> {
+    let Some(&(id0, e0)) = members.first() else {
+        return Ok(Vec::new());
+    };
+    match e0.kind {
+        RecordKind::Chunk(_) => {
+            let (header, stored) = parse_chunk_record(id0, &e0, record)?;
+            unseal(id0, header.plain_len, header.compression, stored.clone())?;
+            Ok(vec![Sealed::Chunk(SealedChunk {
+                id: id0,
+                plain_len: header.plain_len,
+                compression: header.compression,
+                data: stored,
+            })])
+        }
+        RecordKind::Frame { .. } => {
+            let frame = parse_frame_record(id0, &e0, &record)?;
+            let mut live = Vec::with_capacity(members.len());
+            for (id, e) in members {
+                let RecordKind::Frame { member_offset } = e.kind else {
+                    continue;
+                };
+                let start = member_offset as usize;
+                let bytes = frame
+                    .plain
+                    .get(start..start + e.plain_len as usize)
+                    .unwrap_or_default()
+                    .to_vec();
+                let plain = unseal(*id, e.plain_len, Compression::None, bytes)?;
+                live.push((*id, plain));
+            }
+            if live.len() == frame.header.members.len() {
+                // Every member is live: keep the compressed bytes as they are.
+                return Ok(vec![Sealed::Frame(SealedFrame {
+                    members: frame.header.members.clone(),
+                    plain_len: frame.header.plain_len,
+                    data: record[frame.header.table_end()..].to_vec(),
+                })]);
+            }
+            Ok(sealer.seal_many(&live))
+        }
+    }
+}
+
+/// Recently decompressed frames, by (pack, record offset), oldest first.
+pub(crate) type FrameCache =
+    std::collections::VecDeque<((PackId, u64), std::sync::Arc<PlainFrame>)>;
+
+/// Decompressed frames kept per backend (each at most `FRAME_MAX_PLAIN`).
+pub(crate) const FRAME_CACHE: usize = 8;
+
+/// The frame `entry` points at, from `cache` or read with `read` and
+/// decompressed, so reading a frame's members in order (an export, a
+/// sequential file read) decompresses it once.
+pub(crate) fn cached_frame(
+    cache: &std::sync::Mutex<FrameCache>,
+    id: ChunkId,
+    entry: &IndexEntry,
+    read: impl FnOnce() -> crate::error::Result<Vec<u8>>,
+) -> crate::error::Result<std::sync::Arc<PlainFrame>> {
+    let key = (entry.pack, entry.offset);
+    {
+        let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, f)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(f.clone());
+        }
+    }
+    let record = read()?;
+    let frame = std::sync::Arc::new(parse_frame_record(id, entry, &record)?);
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= FRAME_CACHE {
+        cache.pop_front();
+    }
+    cache.push_back((key, frame.clone()));
+    Ok(frame)
 }
 
 #[cfg(test)]

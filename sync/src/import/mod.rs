@@ -197,7 +197,7 @@ impl Store {
         let name = layer.name.as_str();
         // Keep gc of this process from sweeping chunks written below before
         // the version referencing them is committed.
-        let _guard = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.import_guard()?;
         let head = self.head(layer)?;
         let old_cache = cache::load(self, layer)?;
         let threads = if opts.threads == 0 {

@@ -23,6 +23,10 @@ use crate::error::{Error, Result};
 use crate::id::ChunkId;
 use crate::progress::Progress;
 
+/// Chunks whose presence is asked of the backend in one `has_many`: one
+/// round trip per this many chunks on a remote backend (RADOS), instead of
+/// one per chunk.
+const LOOKAHEAD: usize = 64;
 /// Jobs queued to the workers at most.
 const QUEUE_DEPTH: usize = 16;
 /// Plain bytes of consecutive new chunks grouped into one frame: ~1 MiB of
@@ -52,6 +56,8 @@ pub(crate) struct ChunkSink<'a> {
     /// no framing).
     frame: Option<Vec<(ChunkId, Vec<u8>)>>,
     frame_bytes: usize,
+    /// Chunks added but not yet looked up (at most [`LOOKAHEAD`]).
+    lookahead: Vec<(ChunkId, Vec<u8>)>,
     failure: &'a Mutex<Option<Error>>,
     counters: &'a ChunkCounters,
     progress: &'a dyn Progress,
@@ -59,14 +65,39 @@ pub(crate) struct ChunkSink<'a> {
 
 impl ChunkSink<'_> {
     /// Registers one chunk of data and returns its id; queues it for storage
-    /// if the store lacks it.
+    /// if the store lacks it (looked up with the next chunks, in order).
     pub fn add(&mut self, data: &[u8]) -> Result<ChunkId> {
         let id = ChunkId::of(data);
         self.counters.chunks.fetch_add(1, Ordering::Relaxed);
         self.progress.advance(data.len() as u64);
-        if self.sent.contains(&id) || self.backend.has(&id)? {
+        if self.sent.contains(&id) {
             return Ok(id);
         }
+        self.lookahead.push((id, data.to_vec()));
+        if self.lookahead.len() >= LOOKAHEAD {
+            self.resolve()?;
+        }
+        Ok(id)
+    }
+
+    /// Looks the chunks in `lookahead` up and queues the new ones.
+    fn resolve(&mut self) -> Result<()> {
+        if self.lookahead.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.lookahead);
+        let ids: Vec<ChunkId> = batch.iter().map(|(id, _)| *id).collect();
+        let have = self.backend.has_many(&ids)?;
+        for ((id, data), have) in batch.into_iter().zip(have) {
+            if have || self.sent.contains(&id) {
+                continue;
+            }
+            self.queue_new(id, data)?;
+        }
+        Ok(())
+    }
+
+    fn queue_new(&mut self, id: ChunkId, data: Vec<u8>) -> Result<()> {
         if let Some(e) = take(self.failure) {
             return Err(e);
         }
@@ -80,15 +111,15 @@ impl ChunkSink<'_> {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         match self.frame.as_mut() {
             Some(frame) => {
-                frame.push((id, data.to_vec()));
                 self.frame_bytes += data.len();
+                frame.push((id, data));
                 if self.frame_bytes >= FRAME_TARGET_BYTES || frame.len() >= FRAME_MAX_MEMBERS {
                     self.send_frame()?;
                 }
             }
-            None => self.send(vec![(id, data.to_vec())])?,
+            None => self.send(vec![(id, data)])?,
         }
-        Ok(id)
+        Ok(())
     }
 
     fn send(&self, job: Vec<(ChunkId, Vec<u8>)>) -> Result<()> {
@@ -180,8 +211,11 @@ pub(crate) fn run<T>(
             progress,
             frame: framed.then(Vec::new),
             frame_bytes: 0,
+            lookahead: Vec::with_capacity(LOOKAHEAD),
         };
-        let r = walk(&mut sink).and_then(|v| sink.send_frame().map(|()| v));
+        let r = walk(&mut sink)
+            .and_then(|v| sink.resolve().map(|()| v))
+            .and_then(|v| sink.send_frame().map(|()| v));
         drop(sink);
         r
     });

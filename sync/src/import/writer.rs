@@ -90,7 +90,7 @@ impl Store {
         build: impl FnOnce(&mut TreeWriter<'_, '_>) -> Result<T>,
     ) -> Result<(T, ImportStats)> {
         self.require_write()?;
-        let _guard = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.import_guard()?;
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let counters = ChunkCounters::default();
         let value = pipeline::run(self.backend(), threads, true, &counters, progress, |sink| {

@@ -269,6 +269,8 @@ pub fn writer_waiting(root: &Path) -> bool {
 #[derive(Debug)]
 pub struct GcPin {
     _file: File,
+    /// On Ceph, a shared hold of the pool's gc lock.
+    pub(crate) rados: Option<crate::rados::GcLock>,
 }
 
 impl GcPin {
@@ -280,6 +282,9 @@ impl GcPin {
         let path = root.join(GC_LOCK);
         let f = open_lock_file(&path)?;
         f.lock_shared().ctx(&path, "lock")?;
-        Ok(GcPin { _file: f })
+        Ok(GcPin {
+            _file: f,
+            rados: None,
+        })
     }
 }

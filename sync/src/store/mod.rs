@@ -16,6 +16,7 @@
 
 pub(crate) mod keys;
 pub(crate) mod lock;
+pub(crate) mod table;
 
 use std::fs;
 use std::io::Write;
@@ -68,6 +69,13 @@ impl OpenOptions<'_> {
 pub struct Store {
     root: PathBuf,
     pub(crate) db: Arc<DB>,
+    /// Layers, versions, refs, reflog and records: in `db` for the
+    /// embedded store, in RADOS for a store on Ceph.
+    pub(crate) tables: Arc<dyn table::Tables>,
+    /// The store's id (shared by every directory of a store on Ceph).
+    id: String,
+    /// The pool of a store on Ceph (for its gc lock).
+    rados: Option<(Arc<crate::rados::Pool>, crate::rados::RadosTarget)>,
     pub(crate) backend: Arc<dyn ChunkBackend>,
     access: Access,
     /// Serialises read-compare-write of refs within this process (other
@@ -84,6 +92,18 @@ pub struct Store {
     /// Removes a reader's secondary directory after the DB is closed
     /// (declared last: fields drop in order).
     _secondary: SecondaryDir,
+}
+
+/// How long an import waits for a gc elsewhere on the pool (and a gc for
+/// imports) before giving up.
+const GC_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A hold of the store's gc guard (shared or exclusive), plus the pool's
+/// gc lock on Ceph. Released on drop.
+pub(crate) struct ImportGuard<'a> {
+    _rados: Option<crate::rados::GcLock>,
+    _shared: Option<std::sync::RwLockReadGuard<'a, ()>>,
+    _exclusive: Option<std::sync::RwLockWriteGuard<'a, ()>>,
 }
 
 /// Memtables larger than this are flushed when a writer closes the store, so
@@ -181,7 +201,16 @@ fn fsync_dir(path: &Path) -> Result<()> {
         .ctx(path, "sync directory")
 }
 
-fn read_marker(root: &Path) -> Result<()> {
+/// Where a store keeps its chunks and shared catalog tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// Pack files and RocksDB in the store directory (the embedded default).
+    Local,
+    /// A Ceph pool; the directory keeps only this process's local state.
+    Rados(crate::rados::RadosTarget),
+}
+
+fn read_marker(root: &Path) -> Result<(StoreBackend, String)> {
     let path = root.join(MARKER);
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
@@ -206,7 +235,36 @@ fn read_marker(root: &Path) -> Result<()> {
             root.display()
         )));
     }
-    Ok(())
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map(str::to_owned)
+    };
+    let id = field("id").unwrap_or_default();
+    let backend = match field("backend").as_deref() {
+        None | Some("local") => StoreBackend::Local,
+        Some("rados") => {
+            let pool = field("pool").ok_or_else(|| {
+                Error::InvalidInput(format!("{}: a RADOS store without a pool", path.display()))
+            })?;
+            let mut target =
+                crate::rados::RadosTarget::new(&pool, field("conf").map(PathBuf::from));
+            if let Some(user) = field("user") {
+                target.user = user;
+            }
+            if let Some(t) = field("timeout").and_then(|t| t.parse().ok()) {
+                target.timeout_secs = t;
+            }
+            StoreBackend::Rados(target)
+        }
+        Some(other) => {
+            return Err(Error::InvalidInput(format!(
+                "{}: unknown backend `{other}`",
+                path.display()
+            )))
+        }
+    };
+    Ok((backend, id))
 }
 
 impl Store {
@@ -217,6 +275,16 @@ impl Store {
     /// # Errors
     /// [`Error::AlreadyStore`], a non-empty directory, I/O failures.
     pub fn init(root: &Path) -> Result<()> {
+        Self::init_with(root, &StoreBackend::Local)
+    }
+
+    /// Creates an empty store at `root` with chunks and shared tables in
+    /// `backend`. For a RADOS pool that already holds a store, the new
+    /// directory joins it (another server on the same store).
+    ///
+    /// # Errors
+    /// As [`Store::init`]; the cluster unreachable.
+    pub fn init_with(root: &Path, backend: &StoreBackend) -> Result<()> {
         if root.join(MARKER).exists() {
             return Err(Error::AlreadyStore {
                 path: root.to_owned(),
@@ -244,7 +312,22 @@ impl Store {
             name.to_string_lossy(),
             std::process::id()
         ));
-        let built = Self::build(&staging);
+        let built = match backend {
+            StoreBackend::Local => Self::build(&staging, &[]),
+            StoreBackend::Rados(target) => crate::rados::init_pool(target).and_then(|id| {
+                let mut lines = vec![
+                    format!("id {id}"),
+                    "backend rados".to_owned(),
+                    format!("pool {}", target.pool),
+                    format!("user {}", target.user),
+                    format!("timeout {}", target.timeout_secs),
+                ];
+                if let Some(conf) = &target.conf {
+                    lines.push(format!("conf {}", conf.display()));
+                }
+                Self::build(&staging, &lines)
+            }),
+        };
         let placed = built.and_then(|()| {
             fs::rename(&staging, root)
                 .ctx(root, "move new store into place")
@@ -259,7 +342,7 @@ impl Store {
         placed
     }
 
-    fn build(dir: &Path) -> Result<()> {
+    fn build(dir: &Path, fields: &[String]) -> Result<()> {
         fs::create_dir(dir).ctx(dir, "create directory")?;
         for sub in [PACKS_DIR, TMP_DIR] {
             let p = dir.join(sub);
@@ -284,13 +367,17 @@ impl Store {
         drop(db);
         let marker = dir.join(MARKER);
         let mut f = fs::File::create(&marker).ctx(&marker, "write store marker")?;
-        writeln!(
-            f,
-            "lamina-store {FORMAT}\nid {}",
-            hex::encode(rand::random::<[u8; 16]>())
-        )
-        .and_then(|()| f.sync_all())
-        .ctx(&marker, "write store marker")?;
+        let mut text = format!("lamina-store {FORMAT}\n");
+        if fields.is_empty() {
+            text.push_str(&format!("id {}\n", hex::encode(rand::random::<[u8; 16]>())));
+        }
+        for l in fields {
+            text.push_str(l);
+            text.push('\n');
+        }
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .ctx(&marker, "write store marker")?;
         fsync_dir(dir)
     }
 
@@ -299,7 +386,7 @@ impl Store {
     /// # Errors
     /// [`Error::NotAStore`], [`Error::Locked`], catalog or I/O failures.
     pub fn open(root: &Path, opts: &OpenOptions<'_>) -> Result<Store> {
-        read_marker(root)?;
+        let (kind, id) = read_marker(root)?;
         let locks =
             lock::StoreLocks::acquire(root, opts.access, opts.wait, opts.notice, &opts.command)?;
         let catalog = root.join(CATALOG_DIR);
@@ -329,17 +416,46 @@ impl Store {
             (db, None)
         };
         let db = Arc::new(db);
-        let backend = LocalBackend::open(
-            db.clone(),
-            catalog,
-            root.join(PACKS_DIR),
-            opts.access.writable(),
-        )?;
+        let (backend, tables, rados): (Arc<dyn ChunkBackend>, Arc<dyn table::Tables>, _) =
+            match &kind {
+                StoreBackend::Local => (
+                    Arc::new(LocalBackend::open(
+                        db.clone(),
+                        catalog,
+                        root.join(PACKS_DIR),
+                        opts.access.writable(),
+                    )?),
+                    Arc::new(table::RocksTables {
+                        db: db.clone(),
+                        path: root.join(CATALOG_DIR),
+                    }),
+                    None,
+                ),
+                StoreBackend::Rados(target) => {
+                    let pool = crate::rados::open_pool(target)?;
+                    (
+                        Arc::new(crate::rados::RadosBackend::new(
+                            pool.clone(),
+                            target.clone(),
+                            opts.access.writable(),
+                        )?),
+                        Arc::new(crate::rados::RadosTables::new(
+                            pool.clone(),
+                            target.clone(),
+                            db.clone(),
+                        )),
+                        Some((pool, target.clone())),
+                    )
+                }
+            };
         drop(guard);
         Ok(Store {
             root: root.to_owned(),
             db,
-            backend: Arc::new(backend),
+            tables,
+            backend,
+            rados,
+            id,
             access: opts.access,
             commit_lock: Mutex::new(()),
             gc_guard: RwLock::new(()),
@@ -366,7 +482,81 @@ impl Store {
                 path: self.root.join(CATALOG_DIR),
                 op: "catch up with the catalog".into(),
                 source,
-            })
+            })?;
+        self.tables.refresh()
+    }
+
+    /// The store's id, from its marker.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Where the store keeps chunks and shared tables.
+    pub fn store_backend(&self) -> StoreBackend {
+        match &self.rados {
+            None => StoreBackend::Local,
+            Some((_, t)) => StoreBackend::Rados(t.clone()),
+        }
+    }
+
+    /// Held by an import (or a transfer) from its first chunk to its
+    /// commit: keeps this process's gc out and, on Ceph, every server's.
+    pub(crate) fn import_guard(&self) -> Result<ImportGuard<'_>> {
+        // The pool's lock first, as gc takes it: a gc of this process
+        // holding it and waiting for the local guard must not wait for us.
+        let rados = match &self.rados {
+            Some((pool, target)) => Some(crate::rados::GcLock::acquire(
+                pool,
+                target,
+                false,
+                GC_LOCK_WAIT,
+            )?),
+            None => None,
+        };
+        let local = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
+        Ok(ImportGuard {
+            _rados: rados,
+            _shared: Some(local),
+            _exclusive: None,
+        })
+    }
+
+    /// Held by gc: excludes this process's imports and, on Ceph, every
+    /// server's imports and gcs.
+    pub(crate) fn gc_exclusive(&self) -> Result<ImportGuard<'_>> {
+        let rados = match &self.rados {
+            Some((pool, target)) => Some(crate::rados::GcLock::acquire(
+                pool,
+                target,
+                true,
+                GC_LOCK_WAIT,
+            )?),
+            None => None,
+        };
+        let local = self.gc_guard.write().unwrap_or_else(|p| p.into_inner());
+        Ok(ImportGuard {
+            _rados: rados,
+            _shared: None,
+            _exclusive: Some(local),
+        })
+    }
+
+    /// A [`GcPin`] for this store: the file lock and, on Ceph, a shared hold
+    /// of the pool's gc lock.
+    ///
+    /// # Errors
+    /// Lock failures.
+    pub fn gc_pin(&self) -> Result<GcPin> {
+        let mut pin = GcPin::acquire(&self.root)?;
+        if let Some((pool, target)) = &self.rados {
+            pin.rados = Some(crate::rados::GcLock::acquire(
+                pool,
+                target,
+                false,
+                GC_LOCK_WAIT,
+            )?);
+        }
+        Ok(pin)
     }
 
     /// The store directory.

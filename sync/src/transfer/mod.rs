@@ -87,7 +87,7 @@ impl Store {
         for r in records {
             wire::open(r)?;
         }
-        let _g = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
+        let _g = self.import_guard()?;
         let mut stats = TransferStats::default();
         for r in records {
             stats.records += 1;
@@ -166,7 +166,7 @@ impl Store {
         stats.nodes = fetched.len() as u64;
         let missing = self.lacking(candidates.into_iter())?;
         progress.phase("data", None);
-        let _g = self.gc_guard.read().unwrap_or_else(|p| p.into_inner());
+        let _g = self.import_guard()?;
         let mut done: HashSet<ChunkId> = HashSet::new();
         for batch in batches(&missing, &sizes) {
             let want: Vec<ChunkId> = batch

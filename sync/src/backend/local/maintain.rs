@@ -9,10 +9,10 @@ use rocksdb::{WriteBatch, WriteOptions};
 
 use super::LocalBackend;
 use crate::backend::pack::{
-    parse_pack_header, IndexEntry, RecordKind, PACK_HEADER_LEN, PACK_TARGET_BYTES,
+    parse_pack_header, reseal_record, IndexEntry, PACK_HEADER_LEN, PACK_TARGET_BYTES,
 };
 use crate::backend::{BackendProblem, ReclaimStats};
-use crate::chunk::{unseal, Compression, Sealed, SealedChunk, SealedFrame, Sealer};
+use crate::chunk::{Sealed, Sealer};
 use crate::error::{IoContext, Result};
 use crate::id::{ChunkId, PackId};
 use crate::progress::Progress;
@@ -59,45 +59,7 @@ impl LocalBackend {
         members: &[(ChunkId, IndexEntry)],
     ) -> Result<Vec<Sealed>> {
         let (id0, e0) = members[0];
-        let record = self.read_record(id0, &e0)?;
-        match e0.kind {
-            RecordKind::Chunk(_) => {
-                let (header, stored) = Self::parse_chunk_record(id0, &e0, record)?;
-                unseal(id0, header.plain_len, header.compression, stored.clone())?;
-                Ok(vec![Sealed::Chunk(SealedChunk {
-                    id: id0,
-                    plain_len: header.plain_len,
-                    compression: header.compression,
-                    data: stored,
-                })])
-            }
-            RecordKind::Frame { .. } => {
-                let frame = Self::parse_frame_record(id0, &e0, &record)?;
-                let mut live = Vec::with_capacity(members.len());
-                for (id, e) in members {
-                    let RecordKind::Frame { member_offset } = e.kind else {
-                        continue;
-                    };
-                    let start = member_offset as usize;
-                    let bytes = frame
-                        .plain
-                        .get(start..start + e.plain_len as usize)
-                        .unwrap_or_default()
-                        .to_vec();
-                    let plain = unseal(*id, e.plain_len, Compression::None, bytes)?;
-                    live.push((*id, plain));
-                }
-                if live.len() == frame.header.members.len() {
-                    // Every member is live: keep the compressed bytes as they are.
-                    return Ok(vec![Sealed::Frame(SealedFrame {
-                        members: frame.header.members.clone(),
-                        plain_len: frame.header.plain_len,
-                        data: record[frame.header.table_end()..].to_vec(),
-                    })]);
-                }
-                Ok(sealer.seal_many(&live))
-            }
-        }
+        reseal_record(sealer, members, self.read_record(id0, &e0)?)
     }
 
     pub(super) fn reclaim_space(&self) -> Result<ReclaimStats> {

@@ -22,7 +22,7 @@ mod read;
 mod recover;
 mod write;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
-use super::pack::{parse_pack_name, IndexEntry};
+use super::pack::{parse_pack_name, FrameCache, IndexEntry};
 use super::{BackendProblem, BackendStats, ChunkBackend, ReclaimStats};
 use crate::chunk::Sealed;
 use crate::error::{Error, IoContext, Result};
@@ -49,9 +49,6 @@ pub struct LocalBackend {
     readers: Mutex<HashMap<PackId, Arc<File>>>,
     frames: Mutex<FrameCache>,
 }
-
-/// Recently decompressed frames, by (pack, record offset), oldest first.
-type FrameCache = VecDeque<((PackId, u64), Arc<read::PlainFrame>)>;
 
 #[derive(Default)]
 struct WriteState {
@@ -93,7 +90,7 @@ impl LocalBackend {
             writable,
             state: Mutex::new(WriteState::default()),
             readers: Mutex::new(HashMap::new()),
-            frames: Mutex::new(VecDeque::with_capacity(read::FRAME_CACHE)),
+            frames: Mutex::new(FrameCache::with_capacity(super::pack::FRAME_CACHE)),
         };
         if writable {
             backend.recover()?;

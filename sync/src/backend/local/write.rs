@@ -9,8 +9,8 @@ use rocksdb::{WriteBatch, WriteOptions};
 
 use super::{db_err, fsync_dir, LocalBackend, WriteState};
 use crate::backend::pack::{
-    pack_header, pack_path, FrameHeader, IndexEntry, RecordHeader, RecordKind, FRAME_ENTRY_LEN,
-    FRAME_HEADER_LEN, PACK_HEADER_LEN, PACK_TARGET_BYTES, RECORD_HEADER_LEN,
+    append_record, pack_header, pack_path, FRAME_ENTRY_LEN, FRAME_HEADER_LEN, PACK_HEADER_LEN,
+    PACK_TARGET_BYTES, RECORD_HEADER_LEN,
 };
 use crate::chunk::Sealed;
 use crate::error::{Error, IoContext, Result};
@@ -87,55 +87,12 @@ impl LocalBackend {
         };
         let offset = pack.len;
         let mut noted = 0;
-        match sealed {
-            Sealed::Chunk(c) => {
-                let header = RecordHeader {
-                    id: c.id,
-                    compression: c.compression,
-                    plain_len: c.plain_len,
-                    stored_len: c.data.len() as u32,
-                };
-                pack.buf.extend_from_slice(&header.encode());
-                pack.buf.extend_from_slice(&c.data);
-                pack.len += header.record_len();
-                if index(&c.id) {
-                    st.pending.insert(
-                        c.id,
-                        IndexEntry {
-                            pack: pack.id,
-                            offset,
-                            record_len: header.record_len() as u32,
-                            plain_len: c.plain_len,
-                            kind: RecordKind::Chunk(c.compression),
-                        },
-                    );
-                    noted += 1;
-                }
-            }
-            Sealed::Frame(f) => {
-                let header = FrameHeader {
-                    members: f.members.clone(),
-                    plain_len: f.plain_len,
-                    stored_len: f.data.len() as u32,
-                };
-                pack.buf.extend_from_slice(&header.encode());
-                pack.buf.extend_from_slice(&f.data);
-                pack.len += header.record_len();
-                for (id, member_offset, len) in header.offsets() {
-                    if index(&id) && !st.pending.contains_key(&id) {
-                        st.pending.insert(
-                            id,
-                            IndexEntry {
-                                pack: pack.id,
-                                offset,
-                                record_len: header.record_len() as u32,
-                                plain_len: len,
-                                kind: RecordKind::Frame { member_offset },
-                            },
-                        );
-                        noted += 1;
-                    }
-                }
+        let (len, entries) = append_record(&mut pack.buf, pack.id, offset, sealed);
+        pack.len += len;
+        for (id, entry) in entries {
+            if index(&id) && !st.pending.contains_key(&id) {
+                st.pending.insert(id, entry);
+                noted += 1;
             }
         }
         if pack.buf.len() >= WRITE_BUFFER_BYTES {
