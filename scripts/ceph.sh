@@ -21,6 +21,7 @@
 #                                   memstore: RAM, lost when the OSD stops)
 #   CEPH_BLOCK_GB=40                size of bluestore's sparse file
 #   CEPH_MON_PORT=6789 CEPH_MON_V2_PORT=3300   the monitor's v1 and v2 ports
+#   CEPH_PORT_MIN=6800 CEPH_PORT_MAX=7100   ports of the OSD and manager
 #   CEPH_UP_TIMEOUT=60              seconds `up` waits for a writable pool
 set -euo pipefail
 
@@ -66,8 +67,8 @@ fsid = $fsid
 mon host = [v2:127.0.0.1:$v2_port,v1:127.0.0.1:$v1_port]
 public addr = 127.0.0.1
 cluster addr = 127.0.0.1
-ms bind port min = 6800
-ms bind port max = 7100
+ms bind port min = ${CEPH_PORT_MIN:-6800}
+ms bind port max = ${CEPH_PORT_MAX:-7100}
 auth cluster required = none
 auth service required = none
 auth client required = none

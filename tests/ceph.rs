@@ -88,7 +88,11 @@ fn concurrent_commits_through_two_stores_on_one_pool_lose_nothing() {
     let log_a = a.json(&["layer", "log", "shared/data"]);
     let log_b = b.json(&["layer", "log", "shared/data"]);
     assert_eq!(log_a, log_b);
-    assert_eq!(log_a["versions"].as_array().unwrap().len() as u64, won, "{log_a}");
+    assert_eq!(
+        log_a["versions"].as_array().unwrap().len() as u64,
+        won,
+        "{log_a}"
+    );
     assert_eq!(a.json(&["fsck"])["ok"], true);
     assert_eq!(b.json(&["fsck"])["ok"], true);
     eprintln!("{won} commits won, {refused} were told the head moved");
@@ -223,10 +227,7 @@ fn corrupted_objects_are_named_by_fsck_and_refused_on_read() {
         "{report}"
     );
     let (_, err) = env.export_fails("os/a", &env.path("out"));
-    assert!(
-        err.contains("hashes to") && err.contains("pack "),
-        "{err}"
-    );
+    assert!(err.contains("hashes to") && err.contains("pack "), "{err}");
 
     // Gone altogether.
     pool.rados(&["rm", &packs[0]]);
@@ -258,7 +259,11 @@ fn an_unreachable_cluster_fails_within_its_timeout() {
     ]);
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
     assert!(err.contains("timed out"), "{err}");
-    assert_eq!(err.trim().lines().filter(|l| l.contains("error")).count(), 1, "{err}");
+    assert_eq!(
+        err.trim().lines().filter(|l| l.contains("error")).count(),
+        1,
+        "{err}"
+    );
     assert!(!env.store.exists());
 
     // A store whose cluster goes away.
@@ -283,7 +288,10 @@ fn an_unreachable_cluster_fails_within_its_timeout() {
     let t = Instant::now();
     let (_, err) = good.fail(&["layer", "ls"]);
     assert!(t.elapsed() < Duration::from_secs(30));
-    assert!(err.contains("RADOS pool") && err.contains("timed out"), "{err}");
+    assert!(
+        err.contains("RADOS pool") && err.contains("timed out"),
+        "{err}"
+    );
     fs::write(&marker, &text).unwrap();
     assert_eq!(good.json(&["layer", "ls"])["layers"][0]["name"], "os/a");
 
@@ -371,10 +379,7 @@ fn an_embedded_store_migrates_onto_a_pool() {
     moved.export("os/disk", &disk);
     assert_eq!(fs::read(&disk).unwrap(), fs::read(&img).unwrap());
     assert_eq!(moved.json(&["fsck"])["ok"], true);
-    assert_eq!(
-        moved.json(&["store", "stats"])["backend"]["kind"],
-        "rados"
-    );
+    assert_eq!(moved.json(&["store", "stats"])["backend"]["kind"], "rados");
     // Resumable: a second run finds everything there.
     let r: serde_json::Value = serde_json::from_str(&env.ok(&args(&into))).unwrap();
     assert_eq!(r["report"]["chunks_copied"], 0, "{r}");
@@ -383,4 +388,170 @@ fn an_embedded_store_migrates_onto_a_pool() {
     let stranger = Env::new();
     let (_, err) = stranger.fail(&args(&stranger.path("x")));
     assert!(err.contains("migration of another store"), "{err}");
+}
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Polls `mirror status NAME` until `done` holds (60 s at most).
+fn wait_status(env: &Env, name: &str, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = env.json(&["mirror", "status", name]);
+        if done(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "mirror {name}: {what}: {s}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn lag_zero(s: &serde_json::Value) -> bool {
+    let l = &s["lag"];
+    l.is_object() && l["versions"] == 0 && l["refs"] == 0 && l["chunks"] == 0
+}
+
+/// Mirrors to a directory (a small tmpfs that fills up) and to a second
+/// pool (renamed away for a while), kept by `lamina server`: while a target
+/// is full or gone the source keeps working and status shows the error;
+/// the mirror stays consistent meanwhile, catches up when the target is
+/// back, verifies, and opens as a store holding everything.
+#[test]
+fn mirrors_catch_up_after_an_outage_and_open_as_stores() {
+    let Some(conf) = cluster() else { return };
+    if !common::require(common::is_root(), "root (a tmpfs that fills up)") {
+        return;
+    }
+    let env = Env::new();
+    let certs = Certs::new(&env.path("certs"));
+    let src = env.path("src");
+    tree(&src, 7);
+    env.create("os/base", "os", "tree");
+    env.import("os/base", &src);
+
+    let mnt = env.path("nfs");
+    fs::create_dir_all(&mnt).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=16m lamina-test {}",
+        mnt.display()
+    ));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let dir_target = format!("dir:{}", mnt.join("mirror").display());
+    env.ok(&["mirror", "add", "nfs", &dir_target]);
+    let pool = TestPool::new(&conf, "mirror");
+    env.ok(&[
+        "mirror".as_ref(),
+        "add".as_ref(),
+        "ceph".as_ref(),
+        format!("rados:{}", pool.name).as_ref(),
+        "--ceph-conf".as_ref(),
+        conf.as_os_str(),
+    ]);
+    let ls = env.json(&["mirror", "ls"]);
+    assert_eq!(ls["mirrors"].as_array().unwrap().len(), 2, "{ls}");
+    for m in ["nfs", "ceph"] {
+        assert!(lag_zero(&env.json(&["mirror", "status", m])), "{m}");
+    }
+
+    let server = Server::spawn(
+        &env.store,
+        &certs,
+        "127.0.0.1:0",
+        &["server", "--mirror-interval", "300ms"],
+    );
+    // The directory fills up, the pool goes away.
+    let renamed = format!("{}-away", pool.name);
+    sh(&format!(
+        "timeout 60 ceph -c {} osd pool rename {} {renamed}",
+        conf.display(),
+        pool.name
+    ));
+    write(&src.join("big.bin"), &random_bytes(24 << 20, 3));
+    env.import("os/base", &src);
+    wait_status(&env, "nfs", "an error once full", |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("space"))
+    });
+    wait_status(&env, "ceph", "an error while the pool is gone", |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not exist"))
+    });
+    // The source keeps working, and each mirror is consistent, only behind.
+    write(&src.join("more"), b"more");
+    env.import("os/base", &src);
+    let behind = env.json(&["mirror", "status", "nfs"]);
+    assert!(behind["lag"]["versions"].as_u64().unwrap() >= 2, "{behind}");
+    let nfs = Env {
+        dir: tempfile::tempdir().unwrap(),
+        store: mnt.join("mirror"),
+        pool: None,
+    };
+    assert_eq!(nfs.json(&["fsck"])["ok"], true);
+
+    // The targets come back; the server's passes catch up.
+    sh(&format!("mount -o remount,size=64m {}", mnt.display()));
+    sh(&format!(
+        "timeout 60 ceph -c {} osd pool rename {renamed} {}",
+        conf.display(),
+        pool.name
+    ));
+    for m in ["nfs", "ceph"] {
+        wait_status(&env, m, "caught up", lag_zero);
+        let v = env.json(&["mirror", "verify", m]);
+        assert_eq!(v["ok"], true, "{v}");
+        let s = env.json(&["mirror", "status", m]);
+        assert!(s["last_error"].is_null(), "{s}");
+    }
+    assert_eq!(server.stop().code(), Some(0));
+
+    // Each mirror opens as a store of its own, with everything.
+    let out = Command::new(common::bin())
+        .arg("--json")
+        .arg("--store")
+        .arg(format!("dir:{}", mnt.join("mirror").display()))
+        .args(["layer", "log", "os/base"])
+        .env_remove("LAMINA_STORE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let by_dir: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(by_dir, env.json(&["layer", "log", "os/base"]));
+    let on_pool = Env::on_pool(TestPool {
+        name: pool.name.clone(),
+        conf: conf.clone(),
+    });
+    for m in [&nfs, &on_pool] {
+        let out = m.path(&format!("out-{}", rand::random::<u32>()));
+        m.export("os/base", &out);
+        compare_trees(&src, &out);
+        // Mirror definitions are not copied.
+        assert_eq!(m.json(&["mirror", "ls"])["mirrors"], serde_json::json!([]));
+    }
+    std::mem::forget(on_pool.pool);
+    env.ok(&["mirror", "rm", "nfs"]);
+    assert_eq!(
+        env.json(&["mirror", "ls"])["mirrors"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }

@@ -93,17 +93,26 @@ impl Store {
             Table::Reflog,
             Table::Refs,
         ] {
-            report.records_written += self.copy_table(dst, t, prune)?;
+            report.records_written += self.copy_table(dst, t, prune, None)?;
         }
         Ok(report)
     }
 
     /// Copies table `t` into `dst` (with `prune`, removing what is not
-    /// here); returns the writes.
-    fn copy_table(&self, dst: &Store, t: Table, prune: bool) -> Result<u64> {
+    /// here), leaving alone keys starting with `skip`; returns the writes.
+    pub(crate) fn copy_table(
+        &self,
+        dst: &Store,
+        t: Table,
+        prune: bool,
+        skip: Option<&[u8]>,
+    ) -> Result<u64> {
+        let skipped = |k: &[u8]| skip.is_some_and(|p| k.starts_with(p));
         let mut want: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         self.tables.scan(t, &[], &mut |k, v| {
-            want.insert(k.to_vec(), v.to_vec());
+            if !skipped(k) {
+                want.insert(k.to_vec(), v.to_vec());
+            }
             Ok(true)
         })?;
         let mut change = Change::default();
@@ -122,7 +131,7 @@ impl Store {
                     want.remove(k);
                 }
                 Some(_) => {}
-                None if prune => extra.push(k.to_vec()),
+                None if prune && !skipped(k) => extra.push(k.to_vec()),
                 None => {}
             }
             Ok(true)

@@ -27,7 +27,10 @@ fn cluster() -> Option<PathBuf> {
             .output()
             .is_ok_and(|o| o.status.success());
     if !up {
-        assert!(std::env::var_os("CI").is_none(), "CI must provide a Ceph cluster");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide a Ceph cluster"
+        );
         eprintln!("note: skipping: no Ceph cluster (`bash scripts/ceph.sh up`)");
     }
     up.then_some(conf)
@@ -40,7 +43,14 @@ impl Drop for Pool {
         let _ = Command::new("timeout")
             .args(["30", "ceph", "-c"])
             .arg(&self.1)
-            .args(["osd", "pool", "rm", &self.0, &self.0, "--yes-i-really-really-mean-it"])
+            .args([
+                "osd",
+                "pool",
+                "rm",
+                &self.0,
+                &self.0,
+                "--yes-i-really-really-mean-it",
+            ])
             .output();
     }
 }
@@ -98,7 +108,7 @@ fn a_ref_built_against_a_stale_target_is_refused_by_the_osd() {
     // Two creations of one new layer, built together: one wins.
     let mut ca = a.batch().unwrap();
     let mut cb = b.batch().unwrap();
-    let mut make = |name: &str| lamina_sync::Layer {
+    let make = |name: &str| lamina_sync::Layer {
         id: lamina_sync::LayerId::random(),
         name: name.into(),
         kind: LayerKind::Data,

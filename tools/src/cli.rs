@@ -134,6 +134,9 @@ pub enum Command {
     /// The store itself: its backend's totals, moving it onto Ceph
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Second, complete copies of this store in a directory or a Ceph pool
+    #[command(subcommand)]
+    Mirror(MirrorCommand),
     /// Measure Lamina against the tools a user would use instead
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -173,6 +176,45 @@ pub enum StoreCommand {
     /// Copy this embedded store onto a Ceph pool (resumable: run it again
     /// after an interruption)
     Migrate(MigrateArgs),
+}
+
+/// `lamina mirror ...`
+#[derive(Debug, Subcommand)]
+pub enum MirrorCommand {
+    /// Add a mirror and copy the store into it (`lamina server` keeps it up to date)
+    Add {
+        /// Mirror name
+        name: String,
+        /// `dir:PATH` (a mounted NFS share or any directory) or `rados:POOL`
+        target: String,
+        #[command(flatten)]
+        ceph: CephArgs,
+        /// Only register it; the first pass runs later
+        #[arg(long)]
+        no_sync: bool,
+    },
+    /// List mirrors
+    Ls,
+    /// A mirror's lag (versions, refs, chunks, bytes) and its last pass
+    Status {
+        /// Mirror name
+        name: String,
+    },
+    /// Run one pass now (resumes an interrupted one)
+    Sync {
+        /// Mirror name
+        name: String,
+    },
+    /// Check the mirror holds everything the store holds, and fsck it
+    Verify {
+        /// Mirror name
+        name: String,
+    },
+    /// Stop mirroring (the copy is left as it is)
+    Rm {
+        /// Mirror name
+        name: String,
+    },
 }
 
 /// `lamina store migrate`
@@ -301,6 +343,9 @@ pub struct ServerArgs {
     /// noVNC's files, served to the web console (Debian's `novnc` package)
     #[arg(long, value_name = "DIR", default_value = lamina_broker::console::NOVNC_DIR)]
     pub novnc_dir: PathBuf,
+    /// How often the store's mirrors are brought up to date
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub mirror_interval: String,
 }
 
 /// `lamina user ...`

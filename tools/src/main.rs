@@ -120,6 +120,7 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Gc(args) => cmd::store::gc(cli, out, args),
         Command::Vm(c) => cmd::vm::run(cli, out, c),
         Command::Store(c) => cmd::store::store(cli, out, c),
+        Command::Mirror(c) => cmd::mirror::run(cli, out, c),
         Command::Bench(c) => bench::run(cli, out, c),
         Command::Hotel(c) => cmd::hotel::run(cli, out, c),
         Command::Bundle(c) => cmd::bundle::run(cli, out, c),

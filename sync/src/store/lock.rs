@@ -239,13 +239,19 @@ impl StoreLocks {
 }
 
 /// Path of a reader's private RocksDB secondary directory.
-pub(crate) fn secondary_dir(root: &Path) -> PathBuf {
-    root.join("tmp").join(format!(
-        "reader-{}-{:08x}",
+pub(crate) fn secondary_dir(_root: &Path) -> PathBuf {
+    // In the system's temporary directory, not the store's: a reader
+    // writes nothing into the store, so a full or read-only one (a mirror
+    // on a full share) can still be read.
+    std::env::temp_dir().join(format!(
+        "{SECONDARY_PREFIX}{}-{:08x}",
         std::process::id(),
         rand::random::<u32>()
     ))
 }
+
+/// Name prefix of readers' secondary directories in the temporary directory.
+pub(crate) const SECONDARY_PREFIX: &str = "lamina-reader-";
 
 /// Whether another process waits for the writer lock of the store at
 /// `root`.

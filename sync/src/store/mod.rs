@@ -413,6 +413,7 @@ impl Store {
             let db = DB::open_cf_descriptors(&db_options(), &catalog, cf_descriptors())
                 .map_err(db_err("open catalog"))?;
             clean_tmp(&root.join(TMP_DIR));
+            clean_secondaries();
             (db, None)
         };
         let db = Arc::new(db);
@@ -648,6 +649,29 @@ impl NodeSource for Store {
             Err(other) => return Err(other),
         };
         Node::decode(id, &bytes)
+    }
+}
+
+/// Removes readers' secondary directories of dead processes from the
+/// system's temporary directory.
+fn clean_secondaries() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(lock::SECONDARY_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Err(err) = fs::remove_dir_all(e.path()) {
+            tracing::debug!(path = %e.path().display(), %err, "could not clean a reader directory");
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod disseminate;
 pub mod hotel;
 pub mod identity;
 pub mod layer;
+pub mod mirror;
 pub mod remote;
 pub mod serve;
 pub mod server;
@@ -29,7 +30,11 @@ use crate::output::{Out, UsageError};
 /// else `$XDG_DATA_HOME/lamina`, else `~/.local/share/lamina`.
 pub fn store_path(cli: &Cli) -> anyhow::Result<PathBuf> {
     if let Some(p) = &cli.store {
-        return Ok(p.clone());
+        // `dir:PATH` names a store the way a mirror target does.
+        return Ok(match p.to_str().and_then(|s| s.strip_prefix("dir:")) {
+            Some(rest) => PathBuf::from(rest),
+            None => p.clone(),
+        });
     }
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
         return Ok(PathBuf::from(x).join("lamina"));

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +94,12 @@ pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
     let (addr, tls) = listener_config(&a.listen, &a.tls)?;
     let every = humantime::parse_duration(&a.rules_interval)
         .map_err(|e| UsageError(format!("bad --rules-interval {:?}: {e}", a.rules_interval)))?;
+    let mirror_every = humantime::parse_duration(&a.mirror_interval).map_err(|e| {
+        UsageError(format!(
+            "bad --mirror-interval {:?}: {e}",
+            a.mirror_interval
+        ))
+    })?;
     let root = store_path(cli)?;
     let state = open_state(&root)?;
     let rt = runtime()?;
@@ -110,6 +117,12 @@ pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
         .merge(lamina_broker::console::router(console));
     let json = out.json;
     let what = root.display().to_string();
+    let stop_mirrors = Arc::new(AtomicBool::new(false));
+    let mirrors = super::mirror::spawn_loop(
+        state.gate.clone(),
+        mirror_every.max(Duration::from_millis(100)),
+        stop_mirrors.clone(),
+    )?;
     let result = rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let engine = tokio::spawn(broker.run(every.max(Duration::from_millis(100)), async {
@@ -120,6 +133,9 @@ pub fn run(cli: &Cli, out: &Out, a: &ServerArgs) -> anyhow::Result<ExitCode> {
         let _ = engine.await;
         served
     });
+    // A pass cut here is resumed by the next server's first round.
+    stop_mirrors.store(true, Ordering::Relaxed);
+    let _ = mirrors.join();
     state.gate.close();
     result?;
     Ok(ExitCode::SUCCESS)
