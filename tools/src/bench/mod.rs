@@ -14,6 +14,7 @@
 //! two-way sync with rsync and unison.
 
 mod broker;
+mod ceph;
 mod data;
 mod fs;
 mod nbd;
@@ -109,6 +110,17 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
             finish_work(&work, a.keep, out);
             let report = result?;
             out.result(&report, || stream::render(&report))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCommand::Ceph(a) => {
+            let size = crate::output::parse_size(&a.size)?;
+            let work = work_dir(a.dir.as_deref(), "ceph")?;
+            let result = ceph::run(&std::env::current_exe()?, &a.ceph_conf, &work, size, &|m| {
+                out.note(m)
+            });
+            finish_work(&work, a.keep, out);
+            let report = result?;
+            out.result(&report, || ceph::render(&report))?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCommand::Sync(a) => {

@@ -21,6 +21,25 @@ pub enum BenchCommand {
     Broker(BenchBrokerArgs),
     /// Boot the fixture guest from a streamed disk beside pull-then-boot, over a tbf-limited link (root)
     Stream(BenchStreamArgs),
+    /// Imports into a store on Ceph and a mirror's catch-up, beside the local store and `rados bench`
+    Ceph(BenchCephArgs),
+}
+
+/// `lamina bench ceph`
+#[derive(Debug, Args)]
+pub struct BenchCephArgs {
+    /// ceph.conf of the cluster (`scripts/ceph.sh up` prints it)
+    #[arg(long, env = "CEPH_CONF", default_value = "/tmp/lamina-ceph/ceph.conf")]
+    pub ceph_conf: PathBuf,
+    /// Size of the tree and of the image (suffixes K, M, G, T)
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// Work directory [default: a new temporary directory]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Keep the work directory
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `lamina bench sync`
