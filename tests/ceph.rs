@@ -34,17 +34,7 @@ fn tree(dir: &Path, seed: u64) {
 fn concurrent_commits_through_two_stores_on_one_pool_lose_nothing() {
     let Some(conf) = cluster() else { return };
     let a = Env::on_pool(TestPool::new(&conf, "cas"));
-    let pool = a.pool.as_ref().unwrap().name.clone();
-    let b = Env::empty();
-    b.ok(&[
-        "init".as_ref(),
-        "--backend".as_ref(),
-        "rados".as_ref(),
-        "--pool".as_ref(),
-        pool.as_str().as_ref(),
-        "--ceph-conf".as_ref(),
-        conf.as_os_str(),
-    ]);
+    let b = a.join();
     a.create("shared/data", "data", "tree");
     // The layer made through one directory is there through the other.
     let ls = b.json(&["layer", "ls"]);
@@ -106,17 +96,7 @@ fn concurrent_commits_through_two_stores_on_one_pool_lose_nothing() {
 fn two_servers_on_one_pool_serve_one_store() {
     let Some(conf) = cluster() else { return };
     let a = Env::on_pool(TestPool::new(&conf, "srv"));
-    let pool = a.pool.as_ref().unwrap().name.clone();
-    let b = Env::empty();
-    b.ok(&[
-        "init".as_ref(),
-        "--backend".as_ref(),
-        "rados".as_ref(),
-        "--pool".as_ref(),
-        pool.as_str().as_ref(),
-        "--ceph-conf".as_ref(),
-        conf.as_os_str(),
-    ]);
+    let b = a.join();
     let certs = Certs::new(&a.path("certs"));
     a.ok(&["user", "add", "alice"]);
     let tok = a.json(&["token", "create", "alice"]);

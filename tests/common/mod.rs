@@ -77,17 +77,29 @@ impl Env {
     /// A store on `pool` (joining the store there if it has one).
     pub fn on_pool(pool: ceph::TestPool) -> Env {
         let mut env = Env::empty();
-        env.ok(&[
+        env.init_on(&pool.name, &pool.conf);
+        env.pool = Some(pool);
+        env
+    }
+
+    /// A second directory of this store on Ceph (another server's).
+    pub fn join(&self) -> Env {
+        let pool = self.pool.as_ref().expect("a store on Ceph");
+        let env = Env::empty();
+        env.init_on(&pool.name, &pool.conf);
+        env
+    }
+
+    fn init_on(&self, pool: &str, conf: &Path) {
+        self.ok(&[
             "init".as_ref(),
             "--backend".as_ref(),
             "rados".as_ref(),
             "--pool".as_ref(),
-            pool.name.as_str().as_ref(),
+            pool.as_ref(),
             "--ceph-conf".as_ref(),
-            pool.conf.as_os_str(),
+            conf.as_os_str(),
         ]);
-        env.pool = Some(pool);
-        env
     }
 
     /// Whether the store is the embedded one (tests of pack files on disk

@@ -654,6 +654,33 @@ pub(crate) fn cached_frame(
     Ok(frame)
 }
 
+/// Live records of packs: pack → record offset → its live members.
+pub(crate) type LiveRecords =
+    std::collections::HashMap<PackId, std::collections::BTreeMap<u64, Vec<(ChunkId, IndexEntry)>>>;
+
+/// Files index entry `e` of chunk `id` under its pack and record.
+pub(crate) fn note_live(live: &mut LiveRecords, id: ChunkId, e: IndexEntry) {
+    live.entry(e.pack)
+        .or_default()
+        .entry(e.offset)
+        .or_default()
+        .push((id, e));
+}
+
+/// Adds index entry `e` to a backend's totals (a record shared by the
+/// members of a frame is counted once; `records` remembers which).
+pub(crate) fn note_totals(
+    s: &mut super::BackendStats,
+    records: &mut std::collections::HashSet<(PackId, u64)>,
+    e: &IndexEntry,
+) {
+    s.chunks += 1;
+    s.plain_bytes += u64::from(e.plain_len);
+    if records.insert((e.pack, e.offset)) {
+        s.stored_bytes += u64::from(e.record_len);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

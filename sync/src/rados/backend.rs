@@ -16,7 +16,7 @@
 //! queued. Several servers write their own packs; two copies of a chunk
 //! are harmless (the index keeps one, reclaim drops the other).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -24,8 +24,9 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::{Pool, RadosTarget, WriteOp};
 use crate::backend::pack::{
-    append_record, cached_frame, chunk_of_record, frame_member, pack_header, reseal_record,
-    sealed_of_record, FrameCache, IndexEntry, PlainFrame, RecordKind, PACK_HEADER_LEN,
+    append_record, cached_frame, chunk_of_record, frame_member, note_live, pack_header,
+    reseal_record, sealed_of_record, FrameCache, IndexEntry, LiveRecords, PlainFrame, RecordKind,
+    PACK_HEADER_LEN,
 };
 use crate::backend::{BackendProblem, BackendStats, ChunkBackend, ReclaimStats};
 use crate::chunk::{Sealed, Sealer};
@@ -539,14 +540,9 @@ impl ChunkBackend for RadosBackend {
             return Err(read_only(&self.shared.target));
         }
         self.flush()?;
-        // pack → record offset → its live members
-        let mut live: HashMap<PackId, BTreeMap<u64, Vec<(ChunkId, IndexEntry)>>> = HashMap::new();
+        let mut live = LiveRecords::new();
         self.each_entry(&mut |id, e| {
-            live.entry(e.pack)
-                .or_default()
-                .entry(e.offset)
-                .or_default()
-                .push((id, e));
+            note_live(&mut live, id, e);
             Ok(())
         })?;
         let mut stats = ReclaimStats::default();
@@ -674,11 +670,7 @@ impl ChunkBackend for RadosBackend {
         let mut s = BackendStats::default();
         let mut records = HashSet::new();
         self.each_entry(&mut |_, e| {
-            s.chunks += 1;
-            s.plain_bytes += u64::from(e.plain_len);
-            if records.insert((e.pack, e.offset)) {
-                s.stored_bytes += u64::from(e.record_len);
-            }
+            crate::backend::pack::note_totals(&mut s, &mut records, &e);
             Ok(())
         })?;
         s.disk_bytes = self.packs()?.values().sum();

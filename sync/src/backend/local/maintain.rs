@@ -40,13 +40,9 @@ impl LocalBackend {
     }
 
     fn live_records(&self) -> Result<HashMap<PackId, Records>> {
-        let mut live: HashMap<PackId, Records> = HashMap::new();
+        let mut live = crate::backend::pack::LiveRecords::new();
         self.index_entries(&mut |id, e| {
-            live.entry(e.pack)
-                .or_default()
-                .entry(e.offset)
-                .or_default()
-                .push((id, e));
+            crate::backend::pack::note_live(&mut live, id, e);
             Ok(())
         })?;
         Ok(live)

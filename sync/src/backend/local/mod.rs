@@ -315,11 +315,7 @@ impl ChunkBackend for LocalBackend {
         let mut s = BackendStats::default();
         let mut records = HashSet::new();
         self.index_entries(&mut |_, e| {
-            s.chunks += 1;
-            s.plain_bytes += u64::from(e.plain_len);
-            if records.insert((e.pack, e.offset)) {
-                s.stored_bytes += u64::from(e.record_len);
-            }
+            crate::backend::pack::note_totals(&mut s, &mut records, &e);
             Ok(())
         })?;
         s.disk_bytes = self.pack_files()?.iter().map(|(_, _, len)| len).sum();
