@@ -535,3 +535,117 @@ fn mirrors_catch_up_after_an_outage_and_open_as_stores() {
         1
     );
 }
+
+/// A cluster of its own, for killing its OSD; purged on drop.
+struct OwnCluster {
+    dir: std::path::PathBuf,
+}
+
+impl OwnCluster {
+    fn script() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph.sh")
+    }
+
+    fn up(dir: &Path) -> bool {
+        Command::new("bash")
+            .arg(Self::script())
+            .args(["up"])
+            .arg(dir)
+            .envs([
+                ("CEPH_MON_PORT", "6795"),
+                ("CEPH_MON_V2_PORT", "3305"),
+                ("CEPH_PORT_MIN", "7600"),
+                ("CEPH_PORT_MAX", "7900"),
+                ("CEPH_BLOCK_GB", "8"),
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn osd_pid(&self) -> i32 {
+        fs::read_to_string(self.dir.join("run/osd.0.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(Self::script())
+            .arg("purge")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// The OSD killed in the middle of an import: the import fails within the
+/// store's timeout, the ref is unchanged; with the OSD back, fsck is clean
+/// and the import goes through.
+#[test]
+fn an_osd_killed_mid_import_fails_it_cleanly_and_loses_nothing() {
+    if cluster().is_none() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("lamina-own-ceph-")
+        .tempdir()
+        .unwrap();
+    let own = OwnCluster {
+        dir: dir.path().join("cluster"),
+    };
+    assert!(OwnCluster::up(&own.dir), "a second cluster starts");
+    let conf = own.dir.join("ceph.conf");
+    let env = Env::empty();
+    env.ok(&[
+        "init".as_ref(),
+        "--backend".as_ref(),
+        "rados".as_ref(),
+        "--pool".as_ref(),
+        "faults".as_ref(),
+        "--ceph-conf".as_ref(),
+        conf.as_os_str(),
+        "--ceph-timeout".as_ref(),
+        "5".as_ref(),
+    ]);
+    let src = env.path("src");
+    tree(&src, 1);
+    env.create("os/a", "os", "tree");
+    let v1 = env.import("os/a", &src);
+    write(&src.join("big.bin"), &random_bytes(384 << 20, 11));
+    let child = env
+        .cmd()
+        .args(["layer", "import", "os/a"])
+        .arg(&src)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(own.osd_pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the import cannot finish without its OSD"
+    );
+    assert!(t.elapsed() < Duration::from_secs(120), "{:?}", t.elapsed());
+    assert!(err.contains("RADOS pool faults"), "{err}");
+    assert!(OwnCluster::up(&own.dir), "the OSD comes back");
+    let log = env.json(&["layer", "log", "os/a"]);
+    assert_eq!(log["versions"].as_array().unwrap().len(), 1, "{log}");
+    assert_eq!(log["versions"][0]["id"], v1.as_str());
+    assert_eq!(env.json(&["fsck"])["ok"], true);
+    env.import("os/a", &src);
+    let out = env.path("out");
+    env.export("os/a", &out);
+    compare_trees(&src, &out);
+    assert_eq!(env.json(&["fsck"])["ok"], true);
+}

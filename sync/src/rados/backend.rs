@@ -637,11 +637,11 @@ impl ChunkBackend for RadosBackend {
             entries.push((id, e));
             Ok(())
         })?;
-        progress.phase("chunks", Some(entries.len() as u64));
+        // The caller's phase counts plain bytes.
         let mut checked = 0;
         for (id, e) in entries {
             checked += 1;
-            progress.advance(1);
+            progress.advance(u64::from(e.plain_len));
             let problem = match packs.get(&e.pack) {
                 None => Some(format!("pack object {} is missing", pack_object(e.pack))),
                 Some(&size) if size < e.end() => Some(format!(
