@@ -649,3 +649,48 @@ fn an_osd_killed_mid_import_fails_it_cleanly_and_loses_nothing() {
     compare_trees(&src, &out);
     assert_eq!(env.json(&["fsck"])["ok"], true);
 }
+
+/// gc through one directory while another imports into the same pool: gc
+/// waits for the import's hold (or the import for gc), nothing the import
+/// wrote is swept, and what the removed layer held is.
+#[test]
+fn gc_on_one_server_is_safe_while_another_imports() {
+    let Some(conf) = cluster() else { return };
+    let a = Env::on_pool(TestPool::new(&conf, "gc"));
+    let b = a.join();
+    let old = a.path("old");
+    write(&old.join("old.bin"), &random_bytes(8 << 20, 21));
+    a.create("old", "data", "tree");
+    a.import("old", &old);
+    a.ok(&["layer", "rm", "old"]);
+    let src = b.path("src");
+    write(&src.join("new.bin"), &random_bytes(192 << 20, 22));
+    b.create("new", "data", "tree");
+    let import = b
+        .cmd()
+        .args(["--json", "layer", "import", "new"])
+        .arg(&src)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let gc = a.json(&["gc", "--expire-reflog", "0"]);
+    let out = import.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        gc["chunks_removed"].as_u64().unwrap() >= 100,
+        "the old layer went: {gc}"
+    );
+    assert_eq!(a.json(&["fsck"])["ok"], true);
+    let back = a.path("back");
+    a.export("new", &back);
+    compare_trees(&src, &back);
+    // A second gc finds nothing of the new layer to remove.
+    let gc = b.json(&["gc"]);
+    assert_eq!(gc["chunks_removed"], 0, "{gc}");
+}
