@@ -529,3 +529,44 @@ fn a_vm_created_after_the_poll_is_kept_and_counted() {
         plan.members
     );
 }
+
+#[test]
+fn a_young_session_its_vm_does_not_name_yet_is_kept_and_an_old_one_ended() {
+    let p = pool(0, 1, false);
+    let hosts = HashMap::from([("a".to_owned(), host(4096, 0.1, &[("p-1", "running")]))]);
+    let m = member("p-1", "a", MemberState::Running, 1);
+    let session = |started_ns| Session {
+        id: "s1".into(),
+        user: "alice".into(),
+        pool: "p".into(),
+        vm: "p-1".into(),
+        host: "a".into(),
+        started_ns,
+        last_seen_ns: started_ns,
+    };
+    let now = 100_000_000_000;
+    let young = plan(
+        &p,
+        limits(&p),
+        vec![m.clone()],
+        vec![session(now - 1_000_000_000)],
+        &hosts,
+        &InFlight::default(),
+        now,
+    );
+    assert!(young.sessions.is_empty(), "{:?}", young.sessions);
+    let old = plan(
+        &p,
+        limits(&p),
+        vec![m],
+        vec![session(now - 60_000_000_000)],
+        &hosts,
+        &InFlight::default(),
+        now,
+    );
+    assert_eq!(old.sessions, vec![("s1".to_owned(), None)]);
+    assert!(old
+        .audit
+        .iter()
+        .any(|e| e.detail.contains("no longer serves it")));
+}
