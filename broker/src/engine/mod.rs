@@ -20,7 +20,7 @@ use lamina_sync::now_ns;
 use crate::agent::CreateVm;
 use crate::audit::AuditEntry;
 use crate::broker::{Broker, HostStatus};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{self, new_id, Member, MemberState, Pool, Session, MEMBER, POOL, SESSION};
 use crate::rules::{Limits, WeekTime};
 
@@ -522,39 +522,7 @@ impl Broker {
             .read(move |s| model::get(s, MEMBER, &name))
             .await
             .unwrap_or(None);
-        let mut audit = Vec::new();
-        let record = match (&step.act, result) {
-            (Act::Destroy, Ok(_)) => None,
-            (_, Ok(profile)) => current.map(|mut c| {
-                c.state = match step.act {
-                    Act::Stop => MemberState::Stopped,
-                    _ => MemberState::Running,
-                };
-                if profile.is_some() {
-                    c.profile = profile;
-                }
-                c
-            }),
-            (Act::Create { .. }, Err(e)) => {
-                audit.push(AuditEntry::failed(ACTOR, "create", &target, e.to_string()));
-                None
-            }
-            (act, Err(e)) => {
-                audit.push(AuditEntry::failed(
-                    ACTOR,
-                    act.name(),
-                    &target,
-                    e.to_string(),
-                ));
-                current.map(|mut c| {
-                    // Try again next tick, from what the host then says.
-                    if matches!(act, Act::Reset | Act::Start) {
-                        c.state = MemberState::Stopped;
-                    }
-                    c
-                })
-            }
-        };
+        let (record, audit) = outcome(&step.act, result, current, &target);
         if let Err(e) = self
             .save(vec![(m.name.clone(), record)], Vec::new(), audit)
             .await
@@ -587,6 +555,55 @@ impl Broker {
             }
         }
     }
+}
+
+/// What the outcome of one step does to its VM's record (`current`, `None`
+/// if it has gone meanwhile) and what the audit log says of it.
+fn outcome(
+    act: &Act,
+    result: Result<Option<String>>,
+    current: Option<Member>,
+    target: &str,
+) -> (Option<Member>, Vec<AuditEntry>) {
+    let mut audit = Vec::new();
+    let record = match (act, result) {
+        (Act::Destroy, Ok(_)) => None,
+        (_, Ok(profile)) => current.map(|mut c| {
+            c.state = match act {
+                Act::Stop => MemberState::Stopped,
+                _ => MemberState::Running,
+            };
+            if profile.is_some() {
+                c.profile = profile;
+            }
+            c
+        }),
+        (Act::Create { .. }, Err(e @ Error::HostUnreachable { .. })) => {
+            // Cut off: the host may have made the VM before it went away.
+            // Unknown until it answers again, then kept or forgotten by
+            // what it lists; never a VM on a host the broker lost track of.
+            audit.push(AuditEntry::failed(ACTOR, "create", target, e.to_string()));
+            current.map(|mut c| {
+                c.state = MemberState::Unknown;
+                c
+            })
+        }
+        (Act::Create { .. }, Err(e)) => {
+            audit.push(AuditEntry::failed(ACTOR, "create", target, e.to_string()));
+            None
+        }
+        (act, Err(e)) => {
+            audit.push(AuditEntry::failed(ACTOR, act.name(), target, e.to_string()));
+            current.map(|mut c| {
+                // Try again next tick, from what the host then says.
+                if matches!(act, Act::Reset | Act::Start) {
+                    c.state = MemberState::Stopped;
+                }
+                c
+            })
+        }
+    };
+    (record, audit)
 }
 
 #[cfg(test)]

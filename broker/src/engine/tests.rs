@@ -570,3 +570,54 @@ fn a_young_session_its_vm_does_not_name_yet_is_kept_and_an_old_one_ended() {
         .iter()
         .any(|e| e.detail.contains("no longer serves it")));
 }
+
+#[test]
+fn a_create_cut_off_by_its_host_leaves_the_vm_unknown_until_the_host_answers() {
+    let create = Act::Create { host: "a".into() };
+    let starting = member("p-1", "a", MemberState::Starting, 1);
+    let cut = Error::HostUnreachable {
+        host: "a".into(),
+        reason: "peer closed connection".into(),
+    };
+    let (record, audit) = outcome(&create, Err(cut), Some(starting.clone()), "p/p-1");
+    let record = record.expect("a VM the host may have made is not forgotten");
+    assert_eq!(record.state, MemberState::Unknown);
+    assert_eq!(audit.len(), 1);
+    assert!(!audit[0].ok && audit[0].action == "create", "{audit:?}");
+
+    // The host back without it: forgotten. Back with it: running.
+    let p = pool(0, 2, true);
+    let back = |vms: &[(&str, &str)]| HashMap::from([("a".to_owned(), host(4096, 0.1, vms))]);
+    let without = plan(
+        &p,
+        limits(&p),
+        vec![record.clone()],
+        vec![],
+        &back(&[]),
+        &InFlight::default(),
+        2,
+    );
+    assert_eq!(without.members, [("p-1".to_owned(), None)]);
+    let with = plan(
+        &p,
+        limits(&p),
+        vec![record],
+        vec![],
+        &back(&[("p-1", "running")]),
+        &InFlight::default(),
+        2,
+    );
+    assert_eq!(
+        with.members[0].1.as_ref().map(|m| m.state),
+        Some(MemberState::Running)
+    );
+
+    // Refused by the host (a bad template): nothing was made.
+    let refused = Error::Agent {
+        host: "a".into(),
+        status: 400,
+        message: "no template".into(),
+    };
+    let (record, _) = outcome(&create, Err(refused), Some(starting), "p/p-1");
+    assert!(record.is_none());
+}
