@@ -7,11 +7,13 @@
 #   libnbd-bin python3-libnbd fio openssl
 #                               : NBD peers (nbdinfo, nbdcopy, nbdsh, fio's nbd
 #                                 engine) and test certificates
-#   qemu-system-x86 qemu-utils  : QEMU boots the fixture guest; qemu-img, qemu-io,
-#                                 qemu-nbd. Installed together, qemu-utils pinned
-#                                 to qemu-system-x86's version: a newer qemu-utils
-#                                 from outside the package sources (as on these
-#                                 machines) blocks the install otherwise.
+#   qemu-system-x86 qemu-system-arm qemu-utils
+#                               : QEMU boots the fixture guest (x86_64; aarch64 with
+#                                 qemu-system-aarch64 from qemu-system-arm); qemu-img,
+#                                 qemu-io, qemu-nbd. Installed together, qemu-utils
+#                                 pinned to qemu-system-x86's version: a newer
+#                                 qemu-utils from outside the package sources (as on
+#                                 these machines) blocks the install otherwise.
 #   fuse3 fuse-overlayfs        : FUSE mounts (fusermount3) and the peer of
 #                                 `lamina bench fs`
 #   linux-image-amd64 busybox-static e2fsprogs cpio
@@ -36,10 +38,11 @@ missing=()
 for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
 need_qemu=0
 installed qemu-system-x86 || need_qemu=1
+installed qemu-system-arm || need_qemu=1
 if [ ${#missing[@]} -gt 0 ] || [ $need_qemu -eq 1 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "installing: ${missing[*]} $([ $need_qemu -eq 1 ] && echo qemu-system-x86 qemu-utils)" >&2
+  echo "installing: ${missing[*]} $([ $need_qemu -eq 1 ] && echo qemu-system-x86 qemu-system-arm qemu-utils)" >&2
   $sudo apt-get update -qq
   export DEBIAN_FRONTEND=noninteractive
   if [ ${#missing[@]} -gt 0 ]; then
@@ -48,6 +51,6 @@ if [ ${#missing[@]} -gt 0 ] || [ $need_qemu -eq 1 ]; then
   if [ $need_qemu -eq 1 ]; then
     qv="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')"
     $sudo apt-get install -y -qq --no-install-recommends --allow-downgrades \
-      qemu-system-x86 "qemu-utils=$qv" >/dev/null
+      qemu-system-x86 qemu-system-arm "qemu-utils=$qv" >/dev/null
   fi
 fi

@@ -16,17 +16,40 @@ pub fn guest() -> Option<&'static Path> {
     ) {
         return None;
     }
-    Some(GUEST.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("lamina-guest-")
-            .tempdir()
-            .unwrap()
-            .keep();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/guest/build.sh");
-        let st = Command::new("bash").arg(script).arg(&dir).status().unwrap();
-        assert!(st.success(), "fixtures/guest/build.sh failed");
-        dir
-    }))
+    Some(GUEST.get_or_init(|| build(&[])))
+}
+
+/// The aarch64 fixture guest (`build.sh --arch aarch64`), built once per
+/// test run.
+pub fn guest_arm() -> Option<&'static Path> {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    let qemu = Command::new("qemu-system-aarch64")
+        .arg("--version")
+        .output();
+    if !require(
+        qemu.is_ok(),
+        "qemu-system-aarch64 (apt-get install qemu-system-arm)",
+    ) {
+        return None;
+    }
+    Some(GUEST.get_or_init(|| build(&["--arch", "aarch64"])))
+}
+
+fn build(args: &[&str]) -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix("lamina-guest-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/guest/build.sh");
+    let st = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "fixtures/guest/build.sh {args:?} failed");
+    dir
 }
 
 /// Sends QMP commands on `sock`; false if QEMU could not be reached (it may

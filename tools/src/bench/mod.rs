@@ -67,14 +67,19 @@ pub fn run(_cli: &Cli, out: &Out, c: &BenchCommand) -> anyhow::Result<ExitCode> 
             })
         }
         BenchCommand::Vm(a) => {
-            let guest = a
-                .guest
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("fixtures/guest/out"));
+            let arch: lamina_vm::Arch = a
+                .arch
+                .parse()
+                .map_err(|e: lamina_vm::Error| crate::output::UsageError(e.to_string()))?;
+            let guest = a.guest.clone().unwrap_or_else(|| match arch {
+                lamina_vm::Arch::X86_64 => PathBuf::from("fixtures/guest/out"),
+                lamina_vm::Arch::Aarch64 => PathBuf::from("fixtures/guest/out/aarch64"),
+            });
             let guest = std::path::absolute(&guest)?;
             let work = work_dir(a.dir.as_deref(), "vm")?;
             let result = vm::run(
                 &std::env::current_exe()?,
+                arch,
                 &guest,
                 &work,
                 a.vms as usize,

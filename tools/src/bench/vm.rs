@@ -36,6 +36,8 @@ pub struct Round {
 #[derive(Debug, Serialize)]
 pub struct Report {
     qemu: String,
+    /// Guest architecture and profile, e.g. `aarch64 phone`.
+    guest: String,
     accel: String,
     /// Seconds the host's KVM probe took (once per boot, before the rounds).
     probe_s: f64,
@@ -208,6 +210,7 @@ fn round_by_hand(dirs: &[PathBuf]) -> anyhow::Result<Round> {
 /// Runs the benchmark in `work` with the fixture guest in `guest`.
 pub fn run(
     lamina: &Path,
+    arch: lamina_vm::Arch,
     guest: &Path,
     work: &Path,
     n: usize,
@@ -226,6 +229,10 @@ pub fn run(
         store: work.join("store"),
     };
     run_ok(b.lamina().arg("init"), "lamina init")?;
+    let (profile, arch_name, console, qemu_bin) = match arch {
+        lamina_vm::Arch::X86_64 => ("pc", "x86_64", "ttyS0", "qemu-system-x86_64"),
+        lamina_vm::Arch::Aarch64 => ("phone", "aarch64", "ttyAMA0", "qemu-system-aarch64"),
+    };
     run_ok(
         b.lamina()
             .args([
@@ -234,7 +241,9 @@ pub fn run(
                 "create",
                 "bench",
                 "--profile",
-                "pc",
+                profile,
+                "--arch",
+                arch_name,
                 "--memory",
                 "256",
             ])
@@ -242,7 +251,7 @@ pub fn run(
             .arg(guest.join("vmlinuz"))
             .arg("--initrd")
             .arg(guest.join("initrd.img"))
-            .args(["--append", "console=ttyS0 quiet panic=-1"]),
+            .args(["--append", &format!("console={console} quiet panic=-1")]),
         "lamina vm template create",
     )?;
     let names: Vec<String> = (0..n).map(|i| format!("bench{i}")).collect();
@@ -292,16 +301,14 @@ pub fn run(
         out.note(&format!("{n} VMs by hand"));
         rounds.push(round_by_hand(&dirs)?);
     }
-    let qemu = super::stdout_of(
-        Command::new("qemu-system-x86_64").arg("--version"),
-        "qemu --version",
-    )?
-    .lines()
-    .next()
-    .unwrap_or_default()
-    .to_string();
+    let qemu = super::stdout_of(Command::new(qemu_bin).arg("--version"), "qemu --version")?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     Ok(Report {
         qemu,
+        guest: format!("{arch_name} {profile}"),
         accel,
         probe_s,
         rounds,
@@ -311,8 +318,8 @@ pub fn run(
 /// The table.
 pub fn render(r: &Report) -> String {
     let mut s = format!(
-        "{} ({}; the KVM probe, once per host boot, took {:.2} s before these rounds), fixture guest, 256 MiB\n",
-        r.qemu, r.accel, r.probe_s
+        "{} ({}; the KVM probe, once per host boot, took {:.2} s before these rounds), fixture guest {}, 256 MiB\n",
+        r.qemu, r.accel, r.probe_s, r.guest
     );
     s += &format!(
         "{:<18} {:>4} {:>16} {:>16} {:>14} {:>14}\n",

@@ -68,7 +68,7 @@ pub struct BenchSyncArgs {
 /// `lamina bench vm`
 #[derive(Debug, Args)]
 pub struct BenchVmArgs {
-    /// Directory of the built fixture guest (vmlinuz, initrd.img, disk.raw) [default: build it]
+    /// Directory of the built fixture guest (vmlinuz, initrd.img, disk.raw) [default: fixtures/guest/out, or fixtures/guest/out/aarch64 for --arch aarch64]
     #[arg(long)]
     pub guest: Option<PathBuf>,
     /// Work directory [default: a new temporary directory]
@@ -77,6 +77,9 @@ pub struct BenchVmArgs {
     /// VMs started at once in the second round
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=32))]
     pub vms: u64,
+    /// Guest architecture: x86_64 (the pc profile) or aarch64 (the phone profile, virt, TCG)
+    #[arg(long, default_value = "x86_64")]
+    pub arch: String,
     /// Keep the work directory
     #[arg(long)]
     pub keep: bool,
@@ -153,7 +156,7 @@ pub struct BenchBrokerArgs {
 /// `lamina bench stream`
 #[derive(Debug, Args)]
 pub struct BenchStreamArgs {
-    /// Directory of the built fixture guest (vmlinuz, initrd.img, disk.raw) [default: build it]
+    /// Directory of the built fixture guest (vmlinuz, initrd.img, disk.raw) [default: fixtures/guest/out, or fixtures/guest/out/aarch64 for --arch aarch64]
     #[arg(long)]
     pub guest: Option<PathBuf>,
     /// Work directory [default: a new temporary directory]
