@@ -16,138 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::guest::guest;
+use common::guest::{guest, guest_arm};
+use common::vms::*;
 use common::*;
 use serde_json::Value;
-
-const APPEND: &str = "console=ttyS0 quiet panic=-1";
-
-/// An Env whose VMs are killed when the test ends, passed or not.
-struct Vms(Env);
-
-impl Drop for Vms {
-    fn drop(&mut self) {
-        let out = self.0.run(&["--json", "vm", "ls"]);
-        if let Ok(list) = serde_json::from_slice::<Value>(&out.stdout) {
-            for v in list.as_array().into_iter().flatten() {
-                if v["state"] != "powered-off" {
-                    let _ = self.0.run(&["vm", "kill", v["name"].as_str().unwrap()]);
-                }
-            }
-        }
-    }
-}
-
-impl std::ops::Deref for Vms {
-    type Target = Env;
-    fn deref(&self) -> &Env {
-        &self.0
-    }
-}
-
-impl Vms {
-    /// A new store, if QEMU and the fixture guest are there (in CI they
-    /// must be).
-    fn new() -> Option<Vms> {
-        guest().map(|_| Vms(Env::new()))
-    }
-
-    /// A template booting the fixture guest; `extra` appends to the kernel
-    /// command line.
-    fn template(&self, name: &str, profile: &str, net: &str, extra: &str) {
-        let g = guest().unwrap();
-        let append = format!("{APPEND} {extra}");
-        self.ok(&[
-            "vm",
-            "template",
-            "create",
-            name,
-            "--profile",
-            profile,
-            "--memory",
-            "256",
-            "--net",
-            net,
-            "--kernel",
-            g.join("vmlinuz").to_str().unwrap(),
-            "--initrd",
-            g.join("initrd.img").to_str().unwrap(),
-            "--append",
-            append.trim(),
-        ]);
-    }
-
-    /// A qcow2 overlay over the fixture disk, for one VM.
-    fn overlay(&self, name: &str) -> PathBuf {
-        let disk = self.path(&format!("{name}.qcow2"));
-        run_ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                "-b",
-                guest().unwrap().join("disk.raw").to_str().unwrap(),
-                disk.to_str().unwrap(),
-            ],
-        );
-        disk
-    }
-
-    /// `vm create NAME --template T` on a new qcow2 overlay; returns the overlay.
-    fn vm_on_overlay(&self, name: &str, template: &str) -> PathBuf {
-        let disk = self.overlay(name);
-        self.ok(&[
-            "vm",
-            "create",
-            name,
-            "--template",
-            template,
-            "--disk",
-            disk.to_str().unwrap(),
-        ]);
-        disk
-    }
-
-    fn show(&self, vm: &str) -> Value {
-        self.json(&["vm", "show", vm])
-    }
-
-    fn console_log(&self, vm: &str) -> PathBuf {
-        PathBuf::from(self.show(vm)["paths"]["console_log"].as_str().unwrap())
-    }
-
-    /// Waits for `marker` in the VM's console log; fails on a guest failure.
-    fn wait_console(&self, vm: &str, marker: &str, secs: u64) -> String {
-        let log = self.console_log(vm);
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            assert!(!text.contains("LAMINA-GUEST-FAIL"), "guest failed: {text}");
-            if text.contains(marker) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {marker} within {secs} s: {text:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn state(&self, vm: &str) -> Value {
-        let list = self.json(&["vm", "ls"]);
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == vm)
-            .unwrap()
-            .clone()
-    }
-}
 
 /// The file the guest wrote, read from a disk image (any format qemu-img reads).
 fn guest_wrote(image: &Path, work: &Path) -> String {
@@ -168,32 +40,6 @@ fn guest_wrote(image: &Path, work: &Path) -> String {
     );
     std::fs::remove_file(raw).unwrap();
     out
-}
-
-/// Asserts a PNG of `w`×`h` with more than one colour.
-fn assert_screenshot(file: &Path, w: u32, h: u32) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(file).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!((info.width, info.height), (w, h), "{}", file.display());
-    let px = info.color_type.samples();
-    let pixels: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
-    assert!(
-        pixels.len() >= 4,
-        "{} has {} colours",
-        file.display(),
-        pixels.len()
-    );
-}
-
-/// Stops `vm` with `vm stop` and checks it ends powered off by the guest.
-fn stop_ok(env: &Vms, vm: &str) {
-    let r = env.json(&["vm", "stop", vm, "--timeout", "120"]);
-    assert_eq!(r["state"], "powered-off", "{r}");
-    assert_eq!(r["exit"]["shutdown"], "guest-shutdown", "{r}");
-    assert_eq!(r["exit"]["code"], 0, "{r}");
-    assert_eq!(env.state(vm)["state"], "powered-off");
 }
 
 #[test]
@@ -274,6 +120,90 @@ fn boots_from_qcow2_and_from_a_lamina_export() {
     env.export("os/guest", &image);
     assert!(guest_wrote(&image, env.dir.path()).contains("written by the lamina fixture guest"));
     assert_eq!(env.json(&["fsck"])["ok"], true);
+}
+
+#[test]
+fn a_phone_boots_on_aarch64_from_a_lamina_export() {
+    let Some(env) = Vms::new() else { return };
+    let Some(g) = guest_arm() else { return };
+    env.ok(&[
+        "vm",
+        "template",
+        "create",
+        "phone",
+        "--profile",
+        "phone",
+        "--arch",
+        "aarch64",
+        "--memory",
+        "256",
+        "--net",
+        "none",
+        "--kernel",
+        g.join("vmlinuz").to_str().unwrap(),
+        "--initrd",
+        g.join("initrd.img").to_str().unwrap(),
+        "--append",
+        "console=ttyAMA0 quiet panic=-1",
+    ]);
+    env.create("os/phone", "os", "disk");
+    env.import("os/phone", &g.join("disk.raw"));
+    env.ok(&["disk", "create", "phonedisk", "--base", "os/phone"]);
+    let mut server = Server::start(&env, &[]);
+    env.ok(&[
+        "vm",
+        "create",
+        "p",
+        "--template",
+        "phone",
+        "--disk",
+        &server.unix_uri("phonedisk"),
+    ]);
+    let s = env.json(&["vm", "start", "p"]);
+    assert_eq!(
+        (&s["state"], &s["accel"]),
+        (&"running".into(), &"tcg".into()),
+        "{s}"
+    );
+    let text = env.wait_console("p", "LAMINA-GUEST-IDLE", 300);
+    assert!(
+        text.contains("LAMINA-GUEST-READ lamina fixture disk"),
+        "{text}"
+    );
+    assert!(text.contains("LAMINA-GUEST-WROTE"), "{text}");
+
+    // The phone's screen: 720x1280, the guest's drawing on it.
+    let shot = env.path("phone.png");
+    let r = env.json(&["vm", "screenshot", "p", shot.to_str().unwrap()]);
+    assert_eq!(
+        (r["width"].as_u64(), r["height"].as_u64()),
+        (Some(720), Some(1280))
+    );
+    assert_eq!(bar_colours(&shot), BARS, "{}", shot.display());
+    let row = env.state("p");
+    assert_eq!(row["profile"], "phone", "{row}");
+    let st = env.json(&["vm", "stats", "p"]);
+    assert!(st["rss_bytes"].as_u64().unwrap() > 10 << 20, "{st}");
+    assert!(st["disks"][0]["write_bytes"].as_u64().unwrap() > 0, "{st}");
+    stop_ok(&env, "p");
+
+    // Again, killed this time.
+    env.ok(&["vm", "start", "p"]);
+    env.wait_console("p", "LAMINA-GUEST-BOOTED", 300);
+    let k = env.json(&["vm", "kill", "p"]);
+    assert_eq!(k["state"], "powered-off", "{k}");
+    assert!(
+        k["exit"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("killed by `vm kill`"),
+        "{k}"
+    );
+    assert!(server.stop().success());
+    env.ok(&["disk", "commit", "phonedisk", "-m", "phone run"]);
+    let image = env.path("phone-after.raw");
+    env.export("os/phone", &image);
+    assert!(guest_wrote(&image, env.dir.path()).contains("written by the lamina fixture guest"));
 }
 
 /// A TCP listener that sends `hello-PORT` to every connection.

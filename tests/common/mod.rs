@@ -8,6 +8,7 @@ pub mod ceph;
 pub mod fuse;
 pub mod guest;
 pub mod net;
+pub mod vms;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod broker;
 mod client;
+mod peripheral;
 pub use bench::{BenchCommand, BenchImportArgs};
 pub use broker::{
     AuditCommand, DesktopCommand, HostAgentArgs, HostCommand, PoolCommand, PoolCreateArgs,
@@ -15,6 +16,7 @@ pub use broker::{
 pub use client::{
     BundleCommand, BundleCreateArgs, BundleRun, CollectArgs, DisseminateArgs, HotelCommand,
 };
+pub use peripheral::{PeripheralAddArgs, PeripheralCommand};
 
 /// Lamina: layered, versioned, synchronised VM disks and file trees.
 #[derive(Debug, Parser)]
@@ -822,6 +824,9 @@ pub enum VmCommand {
         #[arg(long, default_value_t = 500)]
         interval: u64,
     },
+    /// Network peripherals mapped into VMs as local devices
+    #[command(subcommand)]
+    Peripheral(PeripheralCommand),
     /// Attach to a VM's serial console; detach with Ctrl-]
     Console {
         /// VM name

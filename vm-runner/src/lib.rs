@@ -15,7 +15,9 @@
 //! - stops (ACPI power-down, then kill), kills, takes screenshots and reads
 //!   figures from /proc ([`control`], [`procfs`]);
 //! - probes KVM once, with a bounded time, and falls back to TCG
-//!   ([`accel`]).
+//!   ([`accel`]);
+//! - joins network peripherals (printers, serial and USB devices) to
+//!   local devices of one guest, outside its network card ([`peripheral`]).
 //!
 //! Keeping VM records (definitions, last known state) is the caller's job:
 //! every type here is serde-serialisable so it can live in any catalog.
@@ -27,6 +29,7 @@ mod error;
 mod fsutil;
 pub mod monitor;
 mod net;
+pub mod peripheral;
 pub mod procfs;
 pub mod qemu;
 pub mod qmp;
@@ -34,6 +37,7 @@ mod rundir;
 mod spec;
 
 pub use error::{Error, Result};
+pub use peripheral::{Link, LinkState, LinkTls, Peripheral, PeripheralKind};
 pub use rundir::{Exit, Run, RunDir};
 pub use spec::{
     check_name, new_mac, new_uuid, Accel, Arch, Disk, Mac, Net, NetDest, Profile, State, Template,

@@ -15,6 +15,8 @@
 //!   exit code is then unknown; the QMP reason is still known.
 //!
 //! Either way the caller's `on_exit` then records the exit in its catalog.
+//! The monitor also runs the adapters of the VM's network peripherals
+//! ([`crate::peripheral::adapter`]): they live and die with it.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -85,6 +87,8 @@ pub fn launch(dir: &RunDir, on_exit: &mut dyn FnMut(&Exit)) -> Result<()> {
     let l: Launch = read_json(&dir.file("launch.json"))
         .ok_or_else(|| Error::Invalid(format!("{}: no launch.json", dir.path().display())))?;
     let _ = std::fs::remove_file(dir.file("intent"));
+    // The network side of the VM's peripherals, for as long as QEMU runs.
+    let _adapters = crate::peripheral::adapter::start(dir)?;
     let log_path = dir.file("qemu.log");
     let log = File::create(&log_path).at(&log_path)?;
     let log2 = log.try_clone().at(&log_path)?;
@@ -194,6 +198,7 @@ pub fn attach(dir: &RunDir, on_exit: &mut dyn FnMut(&Exit)) -> Result<()> {
         return Ok(());
     }
     tracing::info!(pid = run.pid, "re-attached to QEMU");
+    let _adapters = crate::peripheral::adapter::start(dir)?;
     let shutdown = Arc::new(Mutex::new(None::<String>));
     if let Ok(mut q) = Qmp::connect(&dir.watch(), Duration::from_secs(5)) {
         let _ = q.set_timeout(None);

@@ -421,6 +421,9 @@ pub struct Vm {
     pub run: Option<crate::Run>,
     /// How the last run ended.
     pub last_exit: Option<crate::Exit>,
+    /// Its network peripherals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peripherals: Vec<crate::Peripheral>,
 }
 
 #[cfg(test)]

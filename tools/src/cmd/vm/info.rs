@@ -180,11 +180,15 @@ pub(super) fn stats(cli: &Cli, out: &Out, name: &str, interval: u64) -> anyhow::
         _ => None,
     };
     let host = procfs::host();
+    let arch = template
+        .as_ref()
+        .map_or(lamina_vm::Arch::X86_64, |t| t.arch);
+    let periph = super::peripheral::rows(&root, &vm, arch);
     let doc = serde_json::json!({
         "name": vm.name, "state": vm.state, "pid": pid,
         "cpu_percent": cpu, "rss_bytes": st.map(|s| s.rss_bytes),
         "cpu_seconds": st.map(|s| s.cpu_ticks as f64 / procfs::ticks_per_sec() as f64),
-        "disks": disks, "net": net, "host": host,
+        "disks": disks, "net": net, "peripherals": periph, "host": host,
     });
     out.result(&doc, || {
         let mut s = format!("vm       {} ({})\n", vm.name, vm.state);
@@ -211,6 +215,9 @@ pub(super) fn stats(cli: &Cli, out: &Out, name: &str, interval: u64) -> anyhow::
                 )
             }
             None => s += "net      no counters (QEMU user networking or none)\n",
+        }
+        for r in &periph {
+            s += &r.line();
         }
         s += &format!(
             "host     load {:.2} {:.2} {:.2}, {} CPUs, memory available {} of {} (free {})\n",

@@ -6,6 +6,7 @@
 //! `STORE/vms/UUID/` (see `lamina_vm::RunDir`).
 
 mod info;
+mod peripheral;
 mod policy;
 mod run;
 
@@ -43,6 +44,7 @@ pub fn run(cli: &Cli, out: &Out, cmd: &VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Accel { reprobe } => run::accel_probe(cli, out, *reprobe),
         VmCommand::Show { name } => info::show(cli, out, name),
         VmCommand::Stats { name, interval } => info::stats(cli, out, name, *interval),
+        VmCommand::Peripheral(p) => peripheral::run(cli, out, p),
         VmCommand::Console { name } => info::console(cli, out, name),
         VmCommand::Screenshot { name, file } => info::screenshot(cli, out, name, file),
         VmCommand::Monitor { name, dir, attach } => run::monitor(cli, name, dir, *attach),
@@ -318,6 +320,7 @@ fn create(
         state: State::PoweredOff,
         run: None,
         last_exit: None,
+        peripherals: Vec::new(),
     };
     // Fails now, not at start, if the store's path is too deep for sockets.
     RunDir::create(&run_dir(store.root(), &vm)).map_err(vm_err)?;

@@ -134,6 +134,9 @@ pub(super) fn start(cli: &Cli, out: &Out, name: &str) -> anyhow::Result<ExitCode
         std::fs::rename(&log, dir.file("console.log.1"))?;
     }
     let _ = std::fs::remove_file(dir.net_counters());
+    let _ = std::fs::remove_file(dir.file("links.json"));
+    // The links the monitor's adapters keep up for this run.
+    lamina_vm::peripheral::adapter::write_wanted(&dir, &vm.peripherals)?;
     let run_id: u64 = rand::rng().random();
     lamina_vm::monitor::write_launch(
         &dir,
