@@ -691,11 +691,28 @@ return fetch('/console/sessions/{id}/end',{{method:'POST',body:f}}).then(r=>[r.s
         assert!(v[0] >= 640 && v[1] >= 400, "the desktop's own screen: {v:?}");
         disconnect(&pc, env).await;
 
+        // A network printer on one PC VM, added on its host: the admin
+        // console shows it with the VM.
+        let vms = s.vms("pcs");
+        let on = vms.iter().find(|m| m["host"] == "h1" || m["host"] == "h2").unwrap();
+        let host = &s.hosts[if on["host"] == "h1" { 0 } else { 1 }];
+        let vm = on["name"].as_str().unwrap();
+        host.env.ok(&["vm", "peripheral", "add", vm, "lp", "--kind", "printer", "--connect", "tcp:127.0.0.1:9"]);
+        let want = "lp: printer lp0, connect tcp:127.0.0.1:9";
+
         // The admin console: hosts with load, pools with their VMs, audit.
         let admin = driver.browser(1280, 1000, None).await;
         log_in(&admin, &base, "root").await;
-        admin.goto(&format!("{base}/console/admin")).await.unwrap();
-        let page = admin.source().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let page = loop {
+            admin.goto(&format!("{base}/console/admin")).await.unwrap();
+            let page = admin.source().await.unwrap();
+            if page.contains(want) || Instant::now() > deadline {
+                break page;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        assert!(page.contains(want), "the admin page shows {vm}'s printer");
         for want in ["h1", "h2", "up · load", "pcs-", "ext1", "127.0.0.1:", "alice"] {
             assert!(page.contains(want), "admin page shows {want}");
         }

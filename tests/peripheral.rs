@@ -1,7 +1,8 @@
 //! Network peripherals (issue #14) against real QEMU under TCG, with the
 //! fixture guest and **no network card** (`--net none`): a serial port
 //! whose server is down at start, comes up, goes away and comes back; a
-//! printer receiving the guest's raw job; a TLS link that refuses clients
+//! printer whose server is down at start receiving the guest's raw job
+//! from the spool once it is up; a TLS link that refuses clients
 //! without the right certificate (openssl s_client as the peer); a
 //! peripheral that already serves a VM refused to another; a usb-redir
 //! device hot-plugged into a running VM and reaching its usbredir server;
@@ -68,6 +69,22 @@ fn serial_out_line(r: &mut impl BufRead) -> String {
     panic!("no LAMINA-GUEST-SERIAL-OUT line in 10 lines");
 }
 
+/// `vm peripheral add VM NAME --kind KIND --connect tcp:127.0.0.1:PORT`;
+/// its output.
+fn add_connect(env: &Vms, vm: &str, name: &str, kind: &str, port: u16) -> String {
+    env.ok(&[
+        "vm",
+        "peripheral",
+        "add",
+        vm,
+        name,
+        "--kind",
+        kind,
+        "--connect",
+        &format!("tcp:127.0.0.1:{port}"),
+    ])
+}
+
 /// The row of peripheral `name` in `vm peripheral ls VM`.
 fn link(env: &Vms, vm: &str, name: &str) -> Value {
     let rows = env.json(&["vm", "peripheral", "ls", vm]);
@@ -92,48 +109,39 @@ fn wait_link(env: &Vms, vm: &str, name: &str, what: &str, cond: impl Fn(&Value) 
     }
 }
 
-/// A print server (port 9100 style): keeps every byte it is sent.
+/// A print server (port 9100 style): keeps each connection's bytes, a job.
 struct PrintServer {
-    port: u16,
-    got: Arc<Mutex<Vec<u8>>>,
+    jobs: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl PrintServer {
-    fn start() -> PrintServer {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let g = got.clone();
+    fn start(port: u16) -> PrintServer {
+        let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let jobs = Arc::new(Mutex::new(Vec::new()));
+        let j = jobs.clone();
         std::thread::spawn(move || {
             for c in l.incoming() {
                 let Ok(mut c) = c else { return };
-                let g = g.clone();
+                let j = j.clone();
                 std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = c.read(&mut buf) {
-                        if n == 0 {
-                            return;
-                        }
-                        g.lock().unwrap().extend_from_slice(&buf[..n]);
+                    let mut job = Vec::new();
+                    if c.read_to_end(&mut job).is_ok() {
+                        j.lock().unwrap().push(job);
                     }
                 });
             }
         });
-        PrintServer { port, got }
+        PrintServer { jobs }
     }
 
-    fn wait_for(&self, end: &[u8]) -> Vec<u8> {
-        let deadline = Instant::now() + Duration::from_secs(300);
+    /// The first job whose connection has ended.
+    fn wait_job(&self) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let got = self.got.lock().unwrap().clone();
-            if got.windows(end.len()).any(|w| w == end) {
-                return got;
+            if let Some(j) = self.jobs.lock().unwrap().first() {
+                return j.clone();
             }
-            assert!(
-                Instant::now() < deadline,
-                "the print server got {:?}",
-                String::from_utf8_lossy(&got)
-            );
+            assert!(Instant::now() < deadline, "no finished print job");
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -147,30 +155,9 @@ fn serial_and_printer_reach_their_servers_without_a_network_card() {
     let Some(env) = Vms::new() else { return };
     env.template("t", "pc", "none", "lamina.serial=ttyS1 lamina.print=lp0");
     env.vm_on_overlay("v", "t");
-    let printer = PrintServer::start();
-    let tport = free_port();
-    env.ok(&[
-        "vm",
-        "peripheral",
-        "add",
-        "v",
-        "tty",
-        "--kind",
-        "serial",
-        "--connect",
-        &format!("tcp:127.0.0.1:{tport}"),
-    ]);
-    let out = env.ok(&[
-        "vm",
-        "peripheral",
-        "add",
-        "v",
-        "lp",
-        "--kind",
-        "printer",
-        "--connect",
-        &format!("tcp:127.0.0.1:{}", printer.port),
-    ]);
+    let (tport, lport) = (free_port(), free_port());
+    add_connect(&env, "v", "tty", "serial", tport);
+    let out = add_connect(&env, "v", "lp", "printer", lport);
     assert!(out.contains("as lp0"), "{out}");
     env.ok(&["vm", "start", "v"]);
     // No network card: the peripherals go around the guest's network.
@@ -188,9 +175,25 @@ fn serial_and_printer_reach_their_servers_without_a_network_card() {
     assert!(err.contains(&format!("127.0.0.1:{tport}")), "{r}");
     env.wait_console("v", "LAMINA-GUEST-IDLE", 300);
 
-    // The printer got the guest's raw job, byte for byte.
-    let job = printer.wait_for(b"LAMINA-PRINT-JOB end\n\x0c");
+    // The print server is down too: the guest's job waits in the spool,
+    // and reaches the server, byte for byte and in a connection of its
+    // own, once it is up.
+    let r = wait_link(&env, "v", "lp", "spooled", |r| {
+        r["state"] == "retrying" && r["queued_bytes"] == JOB.len()
+    });
+    assert!(
+        r["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{lport}")),
+        "{r}"
+    );
+    let printer = PrintServer::start(lport);
+    let job = printer.wait_job();
     assert_eq!(job, JOB, "{:?}", String::from_utf8_lossy(&job));
+    wait_link(&env, "v", "lp", "idle", |r| {
+        r["state"] == "idle" && r["queued_bytes"] == 0
+    });
 
     // The server comes up: the guest's line arrives; a line sent back is
     // echoed on the guest's console.
@@ -272,6 +275,7 @@ mk_ca rogue-ca
 mk server ca "subjectAltName=IP:127.0.0.1,DNS:localhost"
 mk client ca "extendedKeyUsage=clientAuth"
 mk rogue rogue-ca "extendedKeyUsage=clientAuth"
+mk rogue-server rogue-ca "subjectAltName=IP:127.0.0.1"
 "#,
         dir = dir.display()
     );
@@ -320,7 +324,7 @@ fn tls_links_refuse_wrong_certificates_and_a_peripheral_serves_one_vm() {
     std::fs::create_dir_all(&pki).unwrap();
     certs(&pki);
     let f = |n: &str| pki.join(n).to_str().unwrap().to_string();
-    env.template("t", "pc", "none", "lamina.serial=ttyS1");
+    env.template("t", "pc", "none", "lamina.serial=ttyS1 lamina.print=lp0");
     env.vm_on_overlay("a", "t");
     env.vm_on_overlay("b", "t");
     let port = free_port();
@@ -421,6 +425,27 @@ fn tls_links_refuse_wrong_certificates_and_a_peripheral_serves_one_vm() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
+    // TLS, connecting: a printer whose server must show a certificate of
+    // the CA, and which shows its own client certificate.
+    let pport = free_port();
+    env.ok(&[
+        "vm",
+        "peripheral",
+        "add",
+        "a",
+        "lp",
+        "--kind",
+        "printer",
+        "--connect",
+        &format!("tcp:127.0.0.1:{pport}"),
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &f("client.pem"),
+        "--tls-key",
+        &f("client.key"),
+    ]);
+
     // One peripheral serves one VM: by name, and by endpoint.
     let (code, err) = env.fail(&[
         "vm",
@@ -453,8 +478,61 @@ fn tls_links_refuse_wrong_certificates_and_a_peripheral_serves_one_vm() {
     );
     assert!(env.show("b")["vm"]["peripherals"].is_null());
 
+    // The printer's end first: a server of another CA is not trusted...
+    let s_server = |cert: &str, out: &Path| {
+        Command::new("timeout")
+            .args([
+                "120", "openssl", "s_server", "-quiet", "-naccept", "1", "-Verify", "1",
+            ])
+            .arg("-accept")
+            .arg(pport.to_string())
+            .arg("-CAfile")
+            .arg(pki.join("ca.pem"))
+            .arg("-cert")
+            .arg(pki.join(format!("{cert}.pem")))
+            .arg("-key")
+            .arg(pki.join(format!("{cert}.key")))
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut rogue = s_server("rogue-server", &env.path("rogue.out"));
     env.ok(&["vm", "start", "a"]);
     wait_link(&env, "a", "tty", "listening", |r| r["state"] == "listening");
+    let r = wait_link(&env, "a", "lp", "refusing the rogue server", |r| {
+        r["state"] == "retrying"
+            && r["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("certificate")
+    });
+    assert!(
+        r["queued_bytes"].as_u64().unwrap_or(0) <= JOB.len() as u64,
+        "{r}"
+    );
+    let _ = rogue.kill();
+    let _ = rogue.wait();
+    // ... the right one gets the job, over TLS, with the client certificate
+    // it asked for (-Verify).
+    let good_out = env.path("good.out");
+    let mut good = s_server("server", &good_out);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read(&good_out)
+        .unwrap_or_default()
+        .windows(JOB.len())
+        .any(|w| w == JOB)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "s_server got {:?}",
+            std::fs::read_to_string(&good_out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = good.kill();
+    let _ = good.wait();
 
     // Without a client certificate, and with one of another CA: refused.
     for (n, cert) in [(1, None), (2, Some("rogue"))] {
@@ -522,32 +600,12 @@ fn usb_redir_is_hot_plugged_and_reaches_its_server() {
     let port = server.local_addr().unwrap().port();
 
     // A serial port cannot be added to a running x86 VM: said so.
-    let out = env.ok(&[
-        "vm",
-        "peripheral",
-        "add",
-        "u",
-        "tty",
-        "--kind",
-        "serial",
-        "--connect",
-        &format!("tcp:127.0.0.1:{}", free_port()),
-    ]);
+    let out = add_connect(&env, "u", "tty", "serial", free_port());
     assert!(out.contains("next start"), "{out}");
     assert_eq!(link(&env, "u", "tty")["state"], "next start");
 
     // A USB device can: QEMU's usb-redir connects and says hello.
-    let out = env.ok(&[
-        "vm",
-        "peripheral",
-        "add",
-        "u",
-        "key",
-        "--kind",
-        "usb",
-        "--connect",
-        &format!("tcp:127.0.0.1:{port}"),
-    ]);
+    let out = add_connect(&env, "u", "key", "usb", port);
     assert!(out.contains("hot-plugged"), "{out}");
     let mut c = accept_within(&server, 60);
     // usbredir: a header of type, length and id (u32 LE each); type 0 is
@@ -575,4 +633,39 @@ fn usb_redir_is_hot_plugged_and_reaches_its_server() {
     let rows = env.json(&["vm", "peripheral", "ls", "u"]);
     assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
     stop_ok(&env, "u");
+}
+
+#[test]
+fn an_arm_phone_reaches_its_serial_peripheral_through_a_virtio_port() {
+    let Some(env) = Vms::new() else { return };
+    let Some(g) = common::guest::guest_arm() else {
+        return;
+    };
+    env.phone_template("phone", g, "lamina.serial=vport:lamina.tty");
+    let disk = env.overlay_on("phone", &g.join("disk.raw"));
+    env.ok(&[
+        "vm",
+        "create",
+        "p",
+        "--template",
+        "phone",
+        "--disk",
+        disk.to_str().unwrap(),
+    ]);
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let out = add_connect(&env, "p", "tty", "serial", port);
+    assert!(out.contains("as virtio-port lamina.tty"), "{out}");
+    env.ok(&["vm", "start", "p"]);
+    let c = accept_within(&server, 300);
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    serial_out_line(&mut r);
+    (&c).write_all(b"hello arm\n").unwrap();
+    env.wait_console("p", "LAMINA-GUEST-SERIAL-IN hello arm", 120);
+    // On Arm a serial port can be added to the running VM.
+    let out = add_connect(&env, "p", "gps", "serial", free_port());
+    assert!(out.contains("hot-plugged"), "{out}");
+    wait_link(&env, "p", "gps", "retrying", |r| r["state"] == "retrying");
+    env.wait_console("p", "LAMINA-GUEST-IDLE", 300);
+    stop_ok(&env, "p");
 }

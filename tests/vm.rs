@@ -126,26 +126,7 @@ fn boots_from_qcow2_and_from_a_lamina_export() {
 fn a_phone_boots_on_aarch64_from_a_lamina_export() {
     let Some(env) = Vms::new() else { return };
     let Some(g) = guest_arm() else { return };
-    env.ok(&[
-        "vm",
-        "template",
-        "create",
-        "phone",
-        "--profile",
-        "phone",
-        "--arch",
-        "aarch64",
-        "--memory",
-        "256",
-        "--net",
-        "none",
-        "--kernel",
-        g.join("vmlinuz").to_str().unwrap(),
-        "--initrd",
-        g.join("initrd.img").to_str().unwrap(),
-        "--append",
-        "console=ttyAMA0 quiet panic=-1",
-    ]);
+    env.phone_template("phone", g, "");
     env.create("os/phone", "os", "disk");
     env.import("os/phone", &g.join("disk.raw"));
     env.ok(&["disk", "create", "phonedisk", "--base", "os/phone"]);

@@ -43,8 +43,33 @@ impl Vms {
     /// A template booting the fixture guest; `extra` appends to the kernel
     /// command line.
     pub fn template(&self, name: &str, profile: &str, net: &str, extra: &str) {
-        let g = guest().unwrap();
         let append = format!("{APPEND} {extra}");
+        self.template_of(
+            name,
+            profile,
+            "x86_64",
+            guest().unwrap(),
+            net,
+            append.trim(),
+        );
+    }
+
+    /// A `phone` template for the aarch64 fixture guest in `g`, without a
+    /// network card; `extra` appends to the kernel command line.
+    pub fn phone_template(&self, name: &str, g: &Path, extra: &str) {
+        let append = format!("console=ttyAMA0 quiet panic=-1 {extra}");
+        self.template_of(name, "phone", "aarch64", g, "none", append.trim());
+    }
+
+    fn template_of(
+        &self,
+        name: &str,
+        profile: &str,
+        arch: &str,
+        g: &Path,
+        net: &str,
+        append: &str,
+    ) {
         self.ok(&[
             "vm",
             "template",
@@ -52,6 +77,8 @@ impl Vms {
             name,
             "--profile",
             profile,
+            "--arch",
+            arch,
             "--memory",
             "256",
             "--net",
@@ -61,12 +88,17 @@ impl Vms {
             "--initrd",
             g.join("initrd.img").to_str().unwrap(),
             "--append",
-            append.trim(),
+            append,
         ]);
     }
 
     /// A qcow2 overlay over the fixture disk, for one VM.
     pub fn overlay(&self, name: &str) -> PathBuf {
+        self.overlay_on(name, &guest().unwrap().join("disk.raw"))
+    }
+
+    /// A qcow2 overlay over the raw image `base`, for one VM.
+    pub fn overlay_on(&self, name: &str, base: &Path) -> PathBuf {
         let disk = self.path(&format!("{name}.qcow2"));
         run_ok(
             "qemu-img",
@@ -78,7 +110,7 @@ impl Vms {
                 "-F",
                 "raw",
                 "-b",
-                guest().unwrap().join("disk.raw").to_str().unwrap(),
+                base.to_str().unwrap(),
                 disk.to_str().unwrap(),
             ],
         );

@@ -175,7 +175,7 @@ impl Template {
 }
 
 /// A file that must exist, made absolute.
-fn existing_file(what: &str, p: &Path) -> Result<PathBuf> {
+pub(crate) fn existing_file(what: &str, p: &Path) -> Result<PathBuf> {
     match std::fs::metadata(p) {
         Ok(m) if m.is_file() => std::fs::canonicalize(p)
             .map_err(|e| Error::Invalid(format!("{what} {}: {e}", p.display()))),

@@ -57,6 +57,24 @@ pub struct VmReport {
     /// Resident memory of its QEMU.
     #[serde(default)]
     pub rss_bytes: Option<u64>,
+    /// Its network peripherals (`lamina vm peripheral`).
+    #[serde(default)]
+    pub peripherals: Vec<PeripheralReport>,
+}
+
+/// A VM's network peripheral, as its host reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeripheralReport {
+    /// Name.
+    pub name: String,
+    /// `serial`, `printer`, `usb`.
+    pub kind: String,
+    /// Where it is in the guest (`ttyS1`, `lp0`, `usb`, ...).
+    pub device: String,
+    /// `connect tcp:HOST:PORT` or `listen tcp:ADDR:PORT`.
+    pub link: String,
+    /// The link's state (`connected`, `retrying`, ...; `off`).
+    pub state: String,
 }
 
 /// A request for a new VM.

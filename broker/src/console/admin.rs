@@ -57,18 +57,37 @@ pub(super) async fn page(State(st): State<ConsoleState>, headers: HeaderMap) -> 
     let mut status = st.b.broker.host_status();
     // The VMs' figures as their hosts last reported them (the catalog
     // keeps states, not figures).
-    let figures: HashMap<String, (Option<f64>, Option<u64>)> = status
+    let reports: Vec<&crate::agent::VmReport> = status
         .values()
         .filter_map(|s| match s {
             crate::HostStatus::Up { report } => Some(report),
             crate::HostStatus::Late { .. } | crate::HostStatus::Down { .. } => None,
         })
-        .flat_map(|r| {
-            r.vms
+        .flat_map(|r| r.vms.iter())
+        .collect();
+    let figures: HashMap<String, (Option<f64>, Option<u64>)> = reports
+        .iter()
+        .map(|v| (v.name.clone(), (v.cpu_percent, v.rss_bytes)))
+        .collect();
+    // And their peripherals, one line each.
+    let peripherals: HashMap<String, Vec<String>> = reports
+        .iter()
+        .filter(|v| !v.peripherals.is_empty())
+        .map(|v| {
+            let lines = v
+                .peripherals
                 .iter()
-                .map(|v| (v.name.clone(), (v.cpu_percent, v.rss_bytes)))
+                .map(|p| {
+                    format!(
+                        "{}: {} {}, {}, {}",
+                        p.name, p.kind, p.device, p.link, p.state
+                    )
+                })
+                .collect();
+            (v.name.clone(), lines)
         })
         .collect();
+    drop(reports);
     for m in pools.iter_mut().flat_map(|p| p.vms.iter_mut().flatten()) {
         if let Some((cpu, rss)) = figures.get(&m.name) {
             m.cpu_percent = m.cpu_percent.or(*cpu);
@@ -104,6 +123,7 @@ pub(super) async fn page(State(st): State<ConsoleState>, headers: HeaderMap) -> 
         subs: &subs,
         desktops: &desktops,
         devices,
+        peripherals,
     };
     html(StatusCode::OK, "Admin", Some(&me), "", |_| {
         pages::admin(&v, &me.login.csrf)

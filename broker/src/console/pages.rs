@@ -231,6 +231,9 @@ pub struct AdminView<'a> {
     pub desktops: &'a [ExternalDesktop],
     /// The device table as TOML.
     pub devices: String,
+    /// Each VM's network peripherals, one line each ("lp: printer lp0,
+    /// connect tcp:…, connected"), by VM name.
+    pub peripherals: std::collections::HashMap<String, Vec<String>>,
 }
 
 fn row(cells: &[String]) -> String {
@@ -271,8 +274,19 @@ pub fn admin(v: &AdminView<'_>, csrf: &str) -> String {
             used = p.counts.in_use,
             total = p.counts.total,
         );
-        b.push_str(&head(&["VM", "state", "host", "user", "CPU %", "RSS MiB"]));
+        b.push_str(&head(&[
+            "VM",
+            "state",
+            "host",
+            "user",
+            "CPU %",
+            "RSS MiB",
+            "peripherals",
+        ]));
         for m in p.vms.iter().flatten() {
+            let periph = v.peripherals.get(&m.name).map_or_else(String::new, |l| {
+                l.iter().map(|x| esc(x)).collect::<Vec<_>>().join("<br>")
+            });
             b.push_str(&row(&[
                 esc(&m.name),
                 esc(&m.state.to_string()),
@@ -282,6 +296,7 @@ pub fn admin(v: &AdminView<'_>, csrf: &str) -> String {
                 m.rss_bytes
                     .map(|r| format!("{}", r / (1024 * 1024)))
                     .unwrap_or_default(),
+                periph,
             ]));
         }
         b.push_str("</table>");

@@ -50,6 +50,7 @@ fn host(free_mib: u64, load: f64, vms: &[(&str, &str)]) -> HostStatus {
                     template: "t".into(),
                     cpu_percent: Some(1.0),
                     rss_bytes: Some(1 << 20),
+                    peripherals: Vec::new(),
                 })
                 .collect(),
         },

@@ -87,6 +87,7 @@ fn stand_in(vms: Vms, display: PathBuf) -> Router {
             template: r.template,
             cpu_percent: Some(0.0),
             rss_bytes: Some(0),
+            peripherals: Vec::new(),
         };
         vms_lock(&v).push(vm.clone());
         Json(vm)

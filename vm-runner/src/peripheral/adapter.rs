@@ -25,8 +25,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 use super::tls::{self, Config};
-use super::{Link, LinkState, Peripheral};
+use super::{Link, LinkState, Peripheral, PeripheralKind};
 use crate::error::{Error, IoContext, Result};
+
 use crate::fsutil::{read_json, write_json};
 use crate::monitor::now_ns;
 use crate::rundir::RunDir;
@@ -39,18 +40,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const WRITE_EVERY: Duration = Duration::from_millis(250);
 
 /// A byte stream of either side.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// One link's shared state.
-struct Shared {
+pub(super) struct Shared {
     state: Mutex<LinkState>,
-    to_guest: AtomicU64,
-    from_guest: AtomicU64,
+    pub(super) to_guest: AtomicU64,
+    pub(super) from_guest: AtomicU64,
 }
 
 impl Shared {
-    fn set(&self, state: &str, peer: Option<String>, error: Option<String>) {
+    pub(super) fn set(&self, state: &str, peer: Option<String>, error: Option<String>) {
         let mut s = self.lock();
         if s.state != state || s.peer != peer {
             s.since_ns = now_ns();
@@ -62,7 +63,7 @@ impl Shared {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
         // A poisoned lock only means a panicking writer: the state is
         // still a plain value.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -104,6 +105,11 @@ pub fn write_wanted(dir: &RunDir, ps: &[Peripheral]) -> Result<()> {
     write_json(&dir.file(WANTED), &ps)
 }
 
+/// The links the adapters of the VM in `dir` keep up now.
+pub fn wanted(dir: &RunDir) -> Vec<Peripheral> {
+    read_json(&dir.file(WANTED)).unwrap_or_default()
+}
+
 /// The file of the links wanted now.
 const WANTED: &str = "peripherals.json";
 
@@ -131,6 +137,8 @@ fn launch(dir: &RunDir, p: &Peripheral) -> Running {
             from_guest: 0,
             connections: 0,
             refused: 0,
+            queued: 0,
+            dropped: 0,
             last_error: None,
             since_ns: now_ns(),
         }),
@@ -155,6 +163,11 @@ fn launch(dir: &RunDir, p: &Peripheral) -> Running {
         endpoint: p.link.endpoint(),
     };
     let task = match p.link.clone() {
+        // A printer's jobs are spooled: none is lost while its server is
+        // down, and each goes in a connection of its own.
+        Link::Connect { host, port } if p.kind == PeripheralKind::Printer => {
+            tokio::spawn(task.printer(host, port))
+        }
         Link::Connect { host, port } => tokio::spawn(task.connect(host, port)),
         Link::Listen { addr, port } => tokio::spawn(task.listen(addr, port)),
     };
@@ -170,7 +183,7 @@ async fn run_all(dir: RunDir) {
     let path = dir.file("links.json");
     let mut last: Option<Vec<LinkState>> = None;
     loop {
-        let wanted: Vec<Peripheral> = read_json(&dir.file(WANTED)).unwrap_or_default();
+        let wanted = wanted(&dir);
         // Cut what is no longer wanted (or changed), start what is new.
         running.retain(|r| wanted.contains(&r.def));
         for p in &wanted {
@@ -190,11 +203,11 @@ async fn run_all(dir: RunDir) {
     }
 }
 
-struct Task {
-    shared: Arc<Shared>,
-    guest: PathBuf,
-    cfg: Option<Config>,
-    endpoint: String,
+pub(super) struct Task {
+    pub(super) shared: Arc<Shared>,
+    pub(super) guest: PathBuf,
+    pub(super) cfg: Option<Config>,
+    pub(super) endpoint: String,
 }
 
 impl Task {
@@ -207,20 +220,9 @@ impl Task {
             while !self.guest.exists() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let net = tokio::time::timeout(CONNECT_TIMEOUT, self.dial(&host, port)).await;
-            let net = match net {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    self.retry(format!("{}: {e}", self.endpoint), &mut backoff)
-                        .await;
-                    continue;
-                }
-                Err(_) => {
-                    let why = format!(
-                        "{}: no answer in {} s",
-                        self.endpoint,
-                        CONNECT_TIMEOUT.as_secs()
-                    );
+            let net = match self.dial_within(&host, port).await {
+                Ok(n) => n,
+                Err(why) => {
                     self.retry(why, &mut backoff).await;
                     continue;
                 }
@@ -232,10 +234,24 @@ impl Task {
     }
 
     /// Records `why`, shows `retrying` and waits out the backoff.
-    async fn retry(&self, why: String, backoff: &mut Duration) {
+    pub(super) async fn retry(&self, why: String, backoff: &mut Duration) {
         self.shared.set("retrying", None, Some(why));
         tokio::time::sleep(*backoff).await;
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// [`Task::dial`] within [`CONNECT_TIMEOUT`]; the error says what
+    /// went wrong, naming the endpoint.
+    pub(super) async fn dial_within(&self, host: &str, port: u16) -> Result<Box<dyn Io>, String> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.dial(host, port)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(format!("{}: {e}", self.endpoint)),
+            Err(_) => Err(format!(
+                "{}: no answer in {} s",
+                self.endpoint,
+                CONNECT_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     async fn dial(&self, host: &str, port: u16) -> std::io::Result<Box<dyn Io>> {

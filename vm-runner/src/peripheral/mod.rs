@@ -25,17 +25,18 @@
 //! ([`read_states`]).
 
 pub mod adapter;
+mod spool;
 mod tls;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil::read_json;
 use crate::rundir::RunDir;
-use crate::spec::{check_name, Arch};
+use crate::spec::{check_name, existing_file, Arch};
 
 /// What a peripheral is inside the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -194,18 +195,6 @@ pub const MAX_PRINTER: usize = 3;
 /// Peripherals per VM.
 pub const MAX_PERIPHERALS: usize = 16;
 
-fn absolute_file(what: &str, p: &Path) -> Result<PathBuf> {
-    match std::fs::metadata(p) {
-        Ok(m) if m.is_file() => std::fs::canonicalize(p)
-            .map_err(|e| Error::Invalid(format!("{what} {}: {e}", p.display()))),
-        Ok(_) => Err(Error::Invalid(format!(
-            "{what} {}: not a regular file",
-            p.display()
-        ))),
-        Err(e) => Err(Error::Invalid(format!("{what} {}: {e}", p.display()))),
-    }
-}
-
 impl Peripheral {
     /// Checks the name and the TLS files (which must exist; made absolute,
     /// and loadable as certificates and keys).
@@ -213,7 +202,7 @@ impl Peripheral {
         check_name("peripheral", &self.name)?;
         if let Some(t) = self.tls.take() {
             let f = |what: &str, p: &Option<PathBuf>| {
-                p.as_deref().map(|p| absolute_file(what, p)).transpose()
+                p.as_deref().map(|p| existing_file(what, p)).transpose()
             };
             let t = LinkTls {
                 ca: f("--tls-ca", &t.ca)?,
@@ -386,8 +375,9 @@ pub struct LinkState {
     /// The peripheral.
     pub name: String,
     /// `connecting`, `connected`, `retrying` (the peer is down: the next
-    /// attempt comes after a backoff), `listening` (no station connected)
-    /// or `error` (cannot listen).
+    /// attempt comes after a backoff), `listening` (no station connected),
+    /// `idle` (a printer with no job to send) or `error` (cannot listen,
+    /// TLS files unusable).
     pub state: String,
     /// The peer of the current connection.
     pub peer: Option<String>,
@@ -400,6 +390,12 @@ pub struct LinkState {
     /// Connections refused (TLS handshake failed, a second station while
     /// one is connected).
     pub refused: u64,
+    /// Printers: bytes of the guest's jobs spooled, not yet sent.
+    #[serde(default)]
+    pub queued: u64,
+    /// Printers: bytes dropped because the spool was full.
+    #[serde(default)]
+    pub dropped: u64,
     /// The last thing that went wrong.
     pub last_error: Option<String>,
     /// When `state` last changed, ns since the epoch.

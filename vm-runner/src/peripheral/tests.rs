@@ -146,26 +146,49 @@ fn wait_state(dir: &RunDir, name: &str, state: &str) -> LinkState {
     }
 }
 
-#[test]
-fn the_adapter_joins_a_server_to_the_device_counts_and_reconnects() {
+/// A peripheral of `kind` whose adapter runs in a scratch run dir, linked
+/// to a port nobody listens on yet, with QEMU's side (the chardev's Unix
+/// socket server) played by a listener.
+struct Rig {
+    _tmp: tempfile::TempDir,
+    dir: RunDir,
+    port: u16,
+    guest: std::os::unix::net::UnixListener,
+    _adapters: adapter::Adapters,
+}
+
+fn rig(name: &str, kind: PeripheralKind) -> Rig {
     let tmp = tempfile::tempdir().unwrap();
     let dir = RunDir::create(tmp.path()).unwrap();
-    // The peripheral's server: a port nobody listens on yet.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut p = periph("tty", PeripheralKind::Serial, 0);
+    let mut p = periph(name, kind, 0);
     p.link = Link::Connect {
         host: "127.0.0.1".into(),
         port,
     };
-    // QEMU's side: the chardev's Unix socket server.
     let guest = std::os::unix::net::UnixListener::bind(p.guest_socket(&dir)).unwrap();
     adapter::write_wanted(&dir, std::slice::from_ref(&p)).unwrap();
-    let _a = adapter::start(&dir).unwrap();
-    let s = wait_state(&dir, "tty", "retrying");
+    let adapters = adapter::start(&dir).unwrap();
+    Rig {
+        _tmp: tmp,
+        dir,
+        port,
+        guest,
+        _adapters: adapters,
+    }
+}
+
+#[test]
+fn the_adapter_joins_a_server_to_the_device_counts_and_reconnects() {
+    let Rig {
+        dir, port, guest, ..
+    } = &rig("tty", PeripheralKind::Serial);
+    let (dir, port) = (dir, *port);
+    let s = wait_state(dir, "tty", "retrying");
     assert!(
         s.last_error
             .as_deref()
@@ -177,7 +200,7 @@ fn the_adapter_joins_a_server_to_the_device_counts_and_reconnects() {
     let server = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let (mut net, _) = server.accept().unwrap();
     let (mut dev, _) = guest.accept().unwrap();
-    wait_state(&dir, "tty", "connected");
+    wait_state(dir, "tty", "connected");
     dev.write_all(b"from the guest\n").unwrap();
     let mut line = String::new();
     BufReader::new(&mut net).read_line(&mut line).unwrap();
@@ -194,7 +217,7 @@ fn the_adapter_joins_a_server_to_the_device_counts_and_reconnects() {
     std::io::Read::read_to_end(&mut dev, &mut rest).unwrap();
     let (net, _) = server.accept().unwrap();
     let (_dev, _) = guest.accept().unwrap();
-    let s = wait_state(&dir, "tty", "connected");
+    let s = wait_state(dir, "tty", "connected");
     assert_eq!(
         (s.connections, s.to_guest, s.from_guest),
         (2, 13, 15),
@@ -203,10 +226,55 @@ fn the_adapter_joins_a_server_to_the_device_counts_and_reconnects() {
     drop(net);
 
     // Taken out of the wanted links: cut, and gone from the states.
-    adapter::write_wanted(&dir, &[]).unwrap();
+    adapter::write_wanted(dir, &[]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !read_states(&dir).is_empty() {
-        assert!(Instant::now() < deadline, "{:?}", read_states(&dir));
+    while !read_states(dir).is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", read_states(dir));
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_printer_spools_while_its_server_is_down_and_sends_each_job_in_one_connection() {
+    let Rig {
+        dir, port, guest, ..
+    } = &rig("lp", PeripheralKind::Printer);
+    let (dir, port) = (dir, *port);
+    // The device is read whether the server is up or not.
+    let (mut dev, _) = guest.accept().unwrap();
+    let job = b"%!PS job one\n\x0c";
+    dev.write_all(job).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let s = read_states(dir).into_iter().find(|s| s.name == "lp");
+        if let Some(s) = s.filter(|s| s.state == "retrying" && s.queued == job.len() as u64) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{:?}", read_states(dir));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(s.last_error.unwrap().contains("refused"));
+
+    // The server comes up: the whole job in one connection, which ends
+    // when the guest has been silent for a while.
+    let server = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (mut c, _) = server.accept().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut c, &mut got).unwrap();
+    assert_eq!(got, job);
+    let s = wait_state(dir, "lp", "idle");
+    assert_eq!(
+        (s.from_guest, s.queued, s.connections),
+        (job.len() as u64, 0, 1),
+        "{s:?}"
+    );
+
+    // The next job: a connection of its own.
+    dev.write_all(b"job two\x0c").unwrap();
+    let (mut c, _) = server.accept().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut c, &mut got).unwrap();
+    assert_eq!(got, b"job two\x0c");
 }

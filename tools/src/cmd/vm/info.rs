@@ -27,6 +27,9 @@ struct Row {
     template: String,
     cpu_percent: Option<f64>,
     rss_bytes: Option<u64>,
+    /// Its network peripherals and their links' states.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    peripherals: Vec<super::peripheral::Row>,
 }
 
 fn live_pid(vm: &Vm) -> Option<i32> {
@@ -54,19 +57,19 @@ pub(super) fn ls(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|v| {
             let pid = live_pid(v);
+            let template = templates.iter().find(|t| t.name == v.template);
+            let arch = template.map_or(lamina_vm::Arch::X86_64, |t| t.arch);
             Row {
                 name: v.name.clone(),
                 state: v.state,
                 pid,
                 uuid: v.uuid.clone(),
                 mac: v.mac.to_string(),
-                profile: templates
-                    .iter()
-                    .find(|t| t.name == v.template)
-                    .map(|t| super::json_name(&t.profile)),
+                profile: template.map(|t| super::json_name(&t.profile)),
                 template: v.template.clone(),
                 cpu_percent: pid.and_then(|p| cpu_of.remove(&p).flatten()),
                 rss_bytes: pid.and_then(procfs::stat).map(|s| s.rss_bytes),
+                peripherals: super::peripheral::rows(&root, v, arch),
             }
         })
         .collect();

@@ -47,6 +47,10 @@ pub(super) struct Row {
     from_guest_bytes: u64,
     connections: u64,
     refused: u64,
+    /// Printers: bytes spooled, not yet sent.
+    queued_bytes: u64,
+    /// Printers: bytes dropped on a full spool.
+    dropped_bytes: u64,
     last_error: Option<String>,
 }
 
@@ -86,6 +90,8 @@ pub(super) fn rows(root: &Path, vm: &Vm, arch: Arch) -> Vec<Row> {
                 from_guest_bytes: s.map_or(0, |s| s.from_guest),
                 connections: s.map_or(0, |s| s.connections),
                 refused: s.map_or(0, |s| s.refused),
+                queued_bytes: s.map_or(0, |s| s.queued),
+                dropped_bytes: s.map_or(0, |s| s.dropped),
                 last_error: s.and_then(|s| s.last_error.clone()),
             }
         })
@@ -114,6 +120,13 @@ impl Row {
             self.connections,
             self.refused
         );
+        if self.queued_bytes > 0 || self.dropped_bytes > 0 {
+            s += &format!(
+                ", {} spooled, {} dropped",
+                bytes(self.queued_bytes),
+                bytes(self.dropped_bytes)
+            );
+        }
         if let Some(e) = &self.last_error {
             s += &format!("; last error: {e}");
         }
@@ -242,7 +255,7 @@ fn add(cli: &Cli, out: &Out, a: &PeripheralAddArgs) -> anyhow::Result<ExitCode> 
         "at the VM's next start".to_string()
     } else if p.hot_pluggable(arch) {
         let dir = RunDir::at(&run_dir(&root, &vm));
-        match plug(&dir, &vm, &p) {
+        match plug(&dir, &p) {
             Ok(()) => "now (hot-plugged into the running VM)".to_string(),
             Err(e) => format!("at the VM's next start (hot-plug failed: {e:#})"),
         }
@@ -265,7 +278,7 @@ fn add(cli: &Cli, out: &Out, a: &PeripheralAddArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn plug(dir: &RunDir, vm: &Vm, p: &Peripheral) -> anyhow::Result<()> {
+fn plug(dir: &RunDir, p: &Peripheral) -> anyhow::Result<()> {
     let mut q = Qmp::connect(&dir.qmp(), Duration::from_secs(10))?;
     let mut cmds = p.hotplug(dir).into_iter();
     if let (Some((c1, a1)), Some((c2, a2))) = (cmds.next(), cmds.next()) {
@@ -279,7 +292,11 @@ fn plug(dir: &RunDir, vm: &Vm, p: &Peripheral) -> anyhow::Result<()> {
             return Err(e.into());
         }
     }
-    adapter::write_wanted(dir, &vm.peripherals)?;
+    // The links of the devices the running QEMU has, and this one.
+    let mut live = adapter::wanted(dir);
+    live.retain(|q| q.name != p.name);
+    live.push(p.clone());
+    adapter::write_wanted(dir, &live)?;
     Ok(())
 }
 
@@ -302,7 +319,9 @@ fn rm(cli: &Cli, out: &Out, vm_name: &str, name: &str) -> anyhow::Result<ExitCod
     if vm.state != State::PoweredOff {
         // The link is cut at once, whether or not the device can go.
         let dir = RunDir::at(&run_dir(&root, &vm));
-        adapter::write_wanted(&dir, &vm.peripherals)?;
+        let mut live = adapter::wanted(&dir);
+        live.retain(|q| q.name != p.name);
+        adapter::write_wanted(&dir, &live)?;
         said = if p.hot_pluggable(arch) {
             match unplug(&dir, &p) {
                 Ok(()) => "removed; unplugged from the running VM".into(),
