@@ -36,6 +36,13 @@ use crate::rundir::RunDir;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A peer silent this long is probed (TCP keepalive) ...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// ... every this often, and given up after 3 unanswered probes; data
+/// unacknowledged for [`USER_TIMEOUT`] ends the connection too.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How often `links.json` may be rewritten.
 const WRITE_EVERY: Duration = Duration::from_millis(250);
 
@@ -256,7 +263,7 @@ impl Task {
 
     async fn dial(&self, host: &str, port: u16) -> std::io::Result<Box<dyn Io>> {
         let tcp = TcpStream::connect((host, port)).await?;
-        let _ = tcp.set_nodelay(true);
+        tune(&tcp);
         match &self.cfg {
             Some(Config::Client(c)) => {
                 let name = rustls::pki_types::ServerName::try_from(host.to_string())
@@ -331,7 +338,7 @@ impl Task {
             }
             let (this, busy) = (this.clone(), busy.clone());
             tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
+                tune(&tcp);
                 let net: Box<dyn Io> = match &this.cfg {
                     Some(Config::Server(c)) => {
                         let acc = tokio_rustls::TlsAcceptor::from(c.clone());
@@ -363,6 +370,24 @@ impl Task {
         let mut s = self.shared.lock();
         s.refused += 1;
         s.last_error = Some(why);
+    }
+}
+
+/// No delay for small writes (serial bytes), and a peer that vanishes
+/// without closing (a cable pulled, a host gone) noticed within about a
+/// minute instead of never: the link then reconnects.
+pub(super) fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let s = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_EVERY)
+        .with_retries(3);
+    if let Err(e) = s
+        .set_tcp_keepalive(&ka)
+        .and_then(|()| s.set_tcp_user_timeout(Some(USER_TIMEOUT)))
+    {
+        tracing::warn!("TCP keepalive: {e}");
     }
 }
 

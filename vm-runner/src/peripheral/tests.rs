@@ -278,3 +278,25 @@ fn a_printer_spools_while_its_server_is_down_and_sends_each_job_in_one_connectio
     std::io::Read::read_to_end(&mut c, &mut got).unwrap();
     assert_eq!(got, b"job two\x0c");
 }
+
+#[test]
+fn links_notice_a_peer_that_vanishes() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        adapter::tune(&c);
+        let s = socket2::SockRef::from(&c);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(s.tcp_user_timeout().unwrap(), Some(Duration::from_secs(60)));
+        assert!(c.nodelay().unwrap());
+    });
+}
