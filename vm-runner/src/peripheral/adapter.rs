@@ -112,6 +112,21 @@ pub fn write_wanted(dir: &RunDir, ps: &[Peripheral]) -> Result<()> {
     write_json(&dir.file(WANTED), &ps)
 }
 
+/// Adds `p` to the links of the VM in `dir` (replacing one of its name).
+pub fn want(dir: &RunDir, p: &Peripheral) -> Result<()> {
+    let mut live = wanted(dir);
+    live.retain(|q| q.name != p.name);
+    live.push(p.clone());
+    write_wanted(dir, &live)
+}
+
+/// Takes the link `name` out of the links of the VM in `dir`.
+pub fn unwant(dir: &RunDir, name: &str) -> Result<()> {
+    let mut live = wanted(dir);
+    live.retain(|q| q.name != name);
+    write_wanted(dir, &live)
+}
+
 /// The links the adapters of the VM in `dir` keep up now.
 pub fn wanted(dir: &RunDir) -> Vec<Peripheral> {
     read_json(&dir.file(WANTED)).unwrap_or_default()

@@ -25,8 +25,11 @@
 //! ([`read_states`]).
 
 pub mod adapter;
+mod hotplug;
 mod spool;
 mod tls;
+
+pub use hotplug::{plug, unplug};
 
 use std::fmt;
 use std::path::PathBuf;
@@ -249,40 +252,6 @@ impl Peripheral {
     /// ISA serial and parallel ports of x86 cannot.
     pub fn hot_pluggable(&self, arch: Arch) -> bool {
         self.kind == PeripheralKind::Usb || arch == Arch::Aarch64
-    }
-
-    /// The QMP commands that plug it into a running VM (see
-    /// [`Peripheral::hot_pluggable`]), as (command, arguments).
-    pub fn hotplug(&self, dir: &RunDir) -> Vec<(&'static str, serde_json::Value)> {
-        let id = self.qemu_id();
-        let chardev = serde_json::json!({
-            "id": id,
-            "backend": { "type": "socket", "data": {
-                "addr": { "type": "unix", "data": {
-                    "path": self.guest_socket(dir).to_string_lossy() } },
-                "server": true, "wait": false } }
-        });
-        let device = match self.kind {
-            PeripheralKind::Usb => serde_json::json!({
-                "driver": "usb-redir", "chardev": id, "id": format!("dev-{id}"),
-                "bus": "perusb.0" }),
-            _ => serde_json::json!({
-                "driver": "virtserialport", "chardev": id, "id": format!("dev-{id}"),
-                "bus": "perser.0", "name": format!("lamina.{}", self.name) }),
-        };
-        vec![("chardev-add", chardev), ("device_add", device)]
-    }
-
-    /// The QMP commands that take it out of a running VM.
-    pub fn unplug(&self) -> Vec<(&'static str, serde_json::Value)> {
-        let id = self.qemu_id();
-        vec![
-            (
-                "device_del",
-                serde_json::json!({ "id": format!("dev-{id}") }),
-            ),
-            ("chardev-remove", serde_json::json!({ "id": id })),
-        ]
     }
 }
 

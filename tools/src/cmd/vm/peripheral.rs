@@ -8,11 +8,9 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use lamina_sync::Access;
-use lamina_vm::peripheral::{self, adapter, LinkState};
-use lamina_vm::qmp::Qmp;
+use lamina_vm::peripheral::{self, LinkState};
 use lamina_vm::{Arch, Link, LinkTls, Peripheral, RunDir, State, Template, Vm};
 use serde::Serialize;
 
@@ -185,8 +183,8 @@ fn ls(cli: &Cli, out: &Out, only: Option<&str>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Who already has `p` (its name or its endpoint), other than as `vm`'s
-/// own peripheral of another name.
+/// The VM and peripheral that already have `p`'s name, or its endpoint
+/// in the same mode, and which of the two (`name`, `endpoint`) matched.
 fn owner_of<'a>(vms: &'a [Vm], p: &Peripheral) -> Option<(&'a Vm, &'a Peripheral, &'static str)> {
     vms.iter().find_map(|v| {
         v.peripherals.iter().find_map(|q| {
@@ -255,7 +253,7 @@ fn add(cli: &Cli, out: &Out, a: &PeripheralAddArgs) -> anyhow::Result<ExitCode> 
         "at the VM's next start".to_string()
     } else if p.hot_pluggable(arch) {
         let dir = RunDir::at(&run_dir(&root, &vm));
-        match plug(&dir, &p) {
+        match peripheral::plug(&dir, &p) {
             Ok(()) => "now (hot-plugged into the running VM)".to_string(),
             Err(e) => format!("at the VM's next start (hot-plug failed: {e:#})"),
         }
@@ -278,28 +276,6 @@ fn add(cli: &Cli, out: &Out, a: &PeripheralAddArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn plug(dir: &RunDir, p: &Peripheral) -> anyhow::Result<()> {
-    let mut q = Qmp::connect(&dir.qmp(), Duration::from_secs(10))?;
-    let mut cmds = p.hotplug(dir).into_iter();
-    if let (Some((c1, a1)), Some((c2, a2))) = (cmds.next(), cmds.next()) {
-        q.execute(c1, Some(a1))?;
-        if let Err(e) = q.execute(c2, Some(a2)) {
-            // Leave nothing half-plugged behind.
-            let _ = q.execute(
-                "chardev-remove",
-                Some(serde_json::json!({ "id": p.qemu_id() })),
-            );
-            return Err(e.into());
-        }
-    }
-    // The links of the devices the running QEMU has, and this one.
-    let mut live = adapter::wanted(dir);
-    live.retain(|q| q.name != p.name);
-    live.push(p.clone());
-    adapter::write_wanted(dir, &live)?;
-    Ok(())
-}
-
 fn rm(cli: &Cli, out: &Out, vm_name: &str, name: &str) -> anyhow::Result<ExitCode> {
     let store = open(cli, out, Access::Write)?;
     let mut vm: Vm = get(&store, VM_KIND, vm_name)?;
@@ -319,18 +295,11 @@ fn rm(cli: &Cli, out: &Out, vm_name: &str, name: &str) -> anyhow::Result<ExitCod
     if vm.state != State::PoweredOff {
         // The link is cut at once, whether or not the device can go.
         let dir = RunDir::at(&run_dir(&root, &vm));
-        let mut live = adapter::wanted(&dir);
-        live.retain(|q| q.name != p.name);
-        adapter::write_wanted(&dir, &live)?;
-        said = if p.hot_pluggable(arch) {
-            match unplug(&dir, &p) {
-                Ok(()) => "removed; unplugged from the running VM".into(),
-                Err(e) => {
-                    format!("removed; its link is cut, the device goes at the next start ({e:#})")
-                }
-            }
-        } else {
-            "removed; its link is cut, the device goes at the VM's next start".into()
+        let device = p.hot_pluggable(arch);
+        said = match peripheral::unplug(&dir, &p, device) {
+            Ok(()) if device => "removed; unplugged from the running VM".into(),
+            Ok(()) => "removed; its link is cut, the device goes at the VM's next start".into(),
+            Err(e) => format!("removed; the device goes at the VM's next start ({e:#})"),
         };
     }
     out.result(
@@ -338,27 +307,4 @@ fn rm(cli: &Cli, out: &Out, vm_name: &str, name: &str) -> anyhow::Result<ExitCod
         || format!("peripheral {name} of VM {vm_name}: {said}"),
     )?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Unplugs `p`'s device, then its chardev (which QEMU frees only once the
-/// guest has let the device go).
-fn unplug(dir: &RunDir, p: &Peripheral) -> anyhow::Result<()> {
-    let mut cmds = p.unplug().into_iter();
-    let mut q = Qmp::connect(&dir.qmp(), Duration::from_secs(10))?;
-    if let Some((c, args)) = cmds.next() {
-        q.execute(c, Some(args))?;
-    }
-    for (c, args) in cmds {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match q.execute(c, Some(args.clone())) {
-                Ok(_) => break,
-                // Some devices (usb-redir) delete their chardev with them.
-                Err(e) if e.to_string().contains("not found") => break,
-                Err(e) if Instant::now() > deadline => return Err(e.into()),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
-    }
-    Ok(())
 }
