@@ -16,66 +16,6 @@ use common::fuse::*;
 use common::*;
 use nix::errno::Errno;
 
-fn rules_fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/compose/rules.toml")
-}
-
-/// A desktop: os, two group layers, personal, system and data, composed as
-/// `desk` with the fixture rules (in `mode`).
-fn desktop(mode: &str) -> Option<Env> {
-    if !fuse_ok() {
-        return None;
-    }
-    let env = Env::new();
-    let os = env.path("os-src");
-    write(&os.join("etc/hostname"), b"golden\n");
-    write(&os.join("etc/motd"), b"welcome\n");
-    write(&os.join("etc/app.d/one.conf"), b"one\n");
-    write(&os.join("etc/app.d/two.conf"), b"two\n");
-    write(&os.join("usr/bin/sh"), &random_bytes(400_000, 1));
-    write(&os.join("home/u/.profile"), b"os profile\n");
-    write(&os.join("home/u/Documents/old.txt"), b"old doc\n");
-    env.tree_layer("os", "os", Some(&os));
-    let g1 = env.path("g1-src");
-    write(&g1.join("opt/office/bin"), b"office 1\n");
-    write(&g1.join("opt/shared"), b"from g1\n");
-    env.tree_layer("g1", "group", Some(&g1));
-    let g2 = env.path("g2-src");
-    write(&g2.join("opt/cad/bin"), b"cad\n");
-    write(&g2.join("opt/shared"), b"from g2\n");
-    env.tree_layer("g2", "group", Some(&g2));
-    env.tree_layer("u-apps", "personal", None);
-    env.tree_layer("u-sys", "system", None);
-    env.tree_layer("u-data", "data", None);
-    let rules = rules_fixture();
-    env.ok(&[
-        "compose",
-        "create",
-        "desk",
-        "--layer",
-        "os=os",
-        "--layer",
-        "group=g1",
-        "--layer",
-        "group=g2",
-        "--layer",
-        "personal=u-apps",
-        "--layer",
-        "system=u-sys",
-        "--layer",
-        "data=u-data",
-        "--rules",
-        rules.to_str().unwrap(),
-        "--mode",
-        mode,
-    ]);
-    Some(env)
-}
-
-fn layer<'a>(st: &'a [LayerStatus], name: &str) -> &'a LayerStatus {
-    st.iter().find(|l| l.layer == name).unwrap()
-}
-
 #[test]
 fn group_layers_stack_in_order_and_rules_route_each_write() {
     let Some(env) = desktop("persistent") else {

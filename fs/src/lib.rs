@@ -33,6 +33,7 @@ pub mod compose;
 mod control;
 mod error;
 mod fuse;
+mod hostpath;
 mod lower;
 mod marker;
 mod mount;

@@ -462,7 +462,16 @@ pub fn umount(store: &Store, dir: &Path) -> Result<Option<String>> {
     if owner.is_none() && !is_lamina_mount(&abs) {
         return Err(Error::NotMounted { path: abs });
     }
-    match nix::mount::umount2(&abs, nix::mount::MntFlags::empty()) {
+    // The kernel answers a close before the daemon has seen its RELEASE,
+    // and the mount stays busy until then: a file closed just before is
+    // given a moment.
+    let mut unmounted = nix::mount::umount2(&abs, nix::mount::MntFlags::empty());
+    let start = Instant::now();
+    while unmounted == Err(nix::errno::Errno::EBUSY) && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+        unmounted = nix::mount::umount2(&abs, nix::mount::MntFlags::empty());
+    }
+    match unmounted {
         Ok(()) => {}
         Err(nix::errno::Errno::EBUSY) => {
             return Err(Error::MountPoint {
@@ -474,6 +483,7 @@ pub fn umount(store: &Store, dir: &Path) -> Result<Option<String>> {
         Err(e) => return Err(Error::io(&abs, "unmount", e.into())),
     }
     if let Some(comp) = &owner {
+        let daemon = recorded(store.root(), comp).map(|m| m.pid);
         let f = open_lock(store.root(), comp)?;
         let start = Instant::now();
         loop {
@@ -492,8 +502,29 @@ pub fn umount(store: &Store, dir: &Path) -> Result<Option<String>> {
                 }
             }
         }
+        // The lock goes with the daemon's last steps; wait for the process
+        // itself to end too (a zombie has ended: reaping it is its
+        // parent's business, here the machine's init).
+        if let Some(pid) = daemon {
+            let start = Instant::now();
+            while running(pid) && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
     }
     Ok(owner.map(|c| c.name))
+}
+
+/// Whether process `pid` exists and has not ended (not a zombie).
+fn running(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// `dir` made absolute without touching it (it may be a dead mount).

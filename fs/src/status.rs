@@ -3,10 +3,7 @@
 //! out what a live commit already committed.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use lamina_sync::manifest::{DirNode, EntryKind, Meta};
@@ -16,6 +13,7 @@ use serde::Serialize;
 use crate::commit::{rel_join, show, slot_base, sorted_entries, upper_meta, Trees};
 use crate::compose;
 use crate::error::{IoContext, Result};
+use crate::hostpath::HostPath;
 use crate::marker::{Marker, SlotMark};
 use crate::upper::{self, UpperKind};
 
@@ -83,7 +81,8 @@ pub fn status(store: &Store, name: &str) -> Result<Vec<SlotChanges>> {
                     changes.changed.push("/".into());
                 }
             }
-            walk_status(&mut trees, &upper_root, b"", lower, mark, &mut changes)?;
+            let top = HostPath::plain(upper_root.clone());
+            walk_status(&mut trees, &top, b"", lower, mark, &mut changes)?;
         }
         out.push(changes);
     }
@@ -97,14 +96,14 @@ fn same_meta(a: &Meta, b: &Meta) -> bool {
 
 fn walk_status(
     trees: &mut Trees<'_>,
-    dir: &Path,
+    dir: &HostPath,
     rel: &[u8],
     lower: Option<Arc<DirNode>>,
     mark: Option<&SlotMark>,
     out: &mut SlotChanges,
 ) -> Result<()> {
     for (name, m) in sorted_entries(dir)? {
-        let p = dir.join(OsStr::from_bytes(&name));
+        let p = dir.child(&name);
         let crel = rel_join(rel, &name);
         if !m.is_dir() && mark.is_some_and(|mk| mk.unchanged(&crel, &m)) {
             // Committed by a live commit and untouched since.
@@ -145,8 +144,10 @@ fn walk_status(
                 None => out.added.push(show(&crel)),
                 Some(e) => {
                     let meta = upper_meta(&p, &m)?;
-                    let same = match (&e.kind, upper::read_origin(&p).ctx(&p, "read placeholder")?)
-                    {
+                    let same = match (
+                        &e.kind,
+                        upper::read_origin(&p).ctx(&*p, "read placeholder")?,
+                    ) {
                         (EntryKind::File { size, content, .. }, Some(o)) => {
                             o.size == *size
                                 && o.content == *content

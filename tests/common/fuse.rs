@@ -7,7 +7,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::{is_root, require, Env};
+use super::{is_root, random_bytes, require, write, Env};
 
 /// Whether FUSE mounts can run here (root and /dev/fuse); CI must have both.
 pub fn fuse_ok() -> bool {
@@ -159,4 +159,65 @@ pub fn as_nobody(script: &str) -> (bool, String) {
 pub fn errno(e: std::io::Error) -> i32 {
     e.raw_os_error()
         .unwrap_or_else(|| panic!("not an OS error: {e}"))
+}
+
+/// The redirection rules of the desktop fixture.
+pub fn rules_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/compose/rules.toml")
+}
+
+/// A desktop: os, two group layers, personal, system and data, composed as
+/// `desk` with the fixture rules (in `mode`).
+pub fn desktop(mode: &str) -> Option<Env> {
+    if !fuse_ok() {
+        return None;
+    }
+    let env = Env::new();
+    let os = env.path("os-src");
+    write(&os.join("etc/hostname"), b"golden\n");
+    write(&os.join("etc/motd"), b"welcome\n");
+    write(&os.join("etc/app.d/one.conf"), b"one\n");
+    write(&os.join("etc/app.d/two.conf"), b"two\n");
+    write(&os.join("usr/bin/sh"), &random_bytes(400_000, 1));
+    write(&os.join("home/u/.profile"), b"os profile\n");
+    write(&os.join("home/u/Documents/old.txt"), b"old doc\n");
+    env.tree_layer("os", "os", Some(&os));
+    let g1 = env.path("g1-src");
+    write(&g1.join("opt/office/bin"), b"office 1\n");
+    write(&g1.join("opt/shared"), b"from g1\n");
+    env.tree_layer("g1", "group", Some(&g1));
+    let g2 = env.path("g2-src");
+    write(&g2.join("opt/cad/bin"), b"cad\n");
+    write(&g2.join("opt/shared"), b"from g2\n");
+    env.tree_layer("g2", "group", Some(&g2));
+    env.tree_layer("u-apps", "personal", None);
+    env.tree_layer("u-sys", "system", None);
+    env.tree_layer("u-data", "data", None);
+    let rules = rules_fixture();
+    env.ok(&[
+        "compose",
+        "create",
+        "desk",
+        "--layer",
+        "os=os",
+        "--layer",
+        "group=g1",
+        "--layer",
+        "group=g2",
+        "--layer",
+        "personal=u-apps",
+        "--layer",
+        "system=u-sys",
+        "--layer",
+        "data=u-data",
+        "--rules",
+        rules.to_str().unwrap(),
+        "--mode",
+        mode,
+    ]);
+    Some(env)
+}
+
+pub fn layer<'a>(st: &'a [LayerStatus], name: &str) -> &'a LayerStatus {
+    st.iter().find(|l| l.layer == name).unwrap()
 }

@@ -238,7 +238,11 @@ pub(crate) fn commit_uppers(
             }
             let upper_root = comp.upper_dir(&root, i);
             let mut counts = HashMap::new();
-            count_links(&upper_root, &mut counts).map_err(to_sync)?;
+            count_links(
+                &crate::hostpath::HostPath::plain(upper_root.clone()),
+                &mut counts,
+            )
+            .map_err(to_sync)?;
             let mut trees = Trees {
                 store,
                 dirs: HashMap::new(),
@@ -263,7 +267,13 @@ pub(crate) fn commit_uppers(
                 busy: Vec::new(),
                 live,
             };
-            let dir = m.merge(&upper_root, b"", lower_dir).map_err(to_sync)?;
+            let dir = m
+                .merge(
+                    &crate::hostpath::HostPath::plain(upper_root.clone()),
+                    b"",
+                    lower_dir,
+                )
+                .map_err(to_sync)?;
             seen[i] = std::mem::take(&mut m.seen);
             busy.extend(
                 m.busy

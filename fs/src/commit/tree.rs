@@ -3,7 +3,6 @@
 //! a lower one ([`Merger`]), and helpers shared with `status`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -14,6 +13,7 @@ use lamina_sync::manifest::{Content, DirNode, Entry, EntryKind, Meta, Node, Node
 use lamina_sync::{Layer, ManifestId, Store, TreeWriter, VersionId};
 
 use crate::error::{Error, IoContext, Result};
+use crate::hostpath::HostPath;
 use crate::marker::{SlotMark, Stamp};
 use crate::upper::{self, UpperKind};
 
@@ -192,7 +192,7 @@ impl Merger<'_, '_, '_, '_> {
 
     pub(super) fn merge(
         &mut self,
-        dir: &Path,
+        dir: &HostPath,
         rel: &[u8],
         lower: Option<Arc<DirNode>>,
     ) -> Result<ManifestId> {
@@ -205,7 +205,7 @@ impl Merger<'_, '_, '_, '_> {
             })
             .unwrap_or_default();
         for (name, m) in sorted_entries(dir)? {
-            let p = dir.join(OsStr::from_bytes(&name));
+            let p = dir.child(&name);
             let crel = rel_join(rel, &name);
             let kind = match upper::classify(&p, &m) {
                 UpperKind::Whiteout => {
@@ -241,7 +241,7 @@ impl Merger<'_, '_, '_, '_> {
                 UpperKind::Other => {
                     let ft = m.file_type();
                     if ft.is_file() {
-                        let read = match upper::read_origin(&p).ctx(&p, "read placeholder")? {
+                        let read = match upper::read_origin(&p).ctx(&*p, "read placeholder")? {
                             Some(o) => Some((o.size, o.content)),
                             None => match self.unchanged(&crel, &m)? {
                                 Some(x) => Some(x),
@@ -278,7 +278,7 @@ impl Merger<'_, '_, '_, '_> {
                             link,
                         }
                     } else if ft.is_symlink() {
-                        let t = fs::read_link(&p).ctx(&p, "read symlink")?;
+                        let t = fs::read_link(&p).ctx(&*p, "read symlink")?;
                         EntryKind::Symlink {
                             target: t.as_os_str().as_bytes().to_vec(),
                         }
@@ -304,10 +304,10 @@ impl Merger<'_, '_, '_, '_> {
 }
 
 /// Counts, per real inode, the multiply-linked files inside `dir`.
-pub(super) fn count_links(dir: &Path, counts: &mut HashMap<u64, u32>) -> Result<()> {
+pub(super) fn count_links(dir: &HostPath, counts: &mut HashMap<u64, u32>) -> Result<()> {
     for (name, m) in sorted_entries(dir)? {
         if m.is_dir() {
-            count_links(&dir.join(OsStr::from_bytes(&name)), counts)?;
+            count_links(&dir.child(&name), counts)?;
         } else if m.is_file() && m.nlink() > 1 {
             *counts.entry(m.ino()).or_default() += 1;
         }

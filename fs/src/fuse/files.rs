@@ -22,6 +22,19 @@ impl LaminaFs {
     /// The listing of open directory `fh` (of `ino`), made on its first
     /// read and again when read from the start (`rewinddir`).
     pub(super) fn listing(&self, fh: u64, ino: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
+        if fh == 0 {
+            // Opened by the kernel alone: one listing per directory, taken
+            // at offset 0 (or when none is being read) and read by offset.
+            let mut reading = self.reading.lock().unwrap_or_else(|p| p.into_inner());
+            if offset > 0 {
+                if let Some(l) = reading.get(&ino) {
+                    return Ok(l.clone());
+                }
+            }
+            let list = Arc::new(self.view.lock().list(ino)?);
+            reading.insert(ino, list.clone());
+            return Ok(list);
+        }
         match self.dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&fh) {
             None => return Err(Errno::EBADF),
             Some(Some(l)) if offset > 0 => return Ok(l.clone()),
@@ -37,6 +50,18 @@ impl LaminaFs {
             *slot = Some(list.clone());
         }
         Ok(list)
+    }
+}
+
+impl LaminaFs {
+    /// A read of `ino`'s listing found nothing more.
+    pub(super) fn listed(&self, fh: u64, ino: u64) {
+        if fh == 0 {
+            self.reading
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ino);
+        }
     }
 }
 
@@ -57,8 +82,10 @@ impl LaminaFs {
             cache,
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
+            reading: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
+            no_opendir: AtomicBool::new(false),
             statfs_path,
         }
     }
@@ -142,12 +169,14 @@ impl LaminaFs {
             }
             let file = Arc::new(file);
             cx.inode_mut(ino)?.open_fd = Some(file.clone());
-            (Handle::Upper { file }, Some(path), false)
+            let id = file_id(&file)?;
+            (Handle::Upper { file }, Some(id), false)
         } else {
             match self.lower_target(cx, ino)? {
                 LowerTarget::Cached(p) => {
                     let file = File::open(&p).map_err(|e| errno(&e))?;
-                    (Handle::Cached { file }, Some(p), true)
+                    let id = file_id(&file)?;
+                    (Handle::Cached { file }, Some(id), true)
                 }
                 LowerTarget::Chunks(data, key) => (Handle::Lower { data, key }, None, true),
             }
@@ -168,7 +197,7 @@ impl LaminaFs {
                 },
                 target,
             ) => {
-                if target.as_deref() != Some(t.as_path()) && write {
+                if target != Some(*t) && write {
                     // The kernel allows one backing file per inode: a lower
                     // file open for reading cannot also be written.
                     tracing::warn!(ino, "file is open for reading from the lower layer; refusing to open it for writing until that is closed");
@@ -253,6 +282,13 @@ impl LaminaFs {
 enum LowerTarget {
     Cached(PathBuf),
     Chunks(Arc<FileData>, String),
+}
+
+/// Device and inode number of an open file: which backing file it is.
+pub(super) fn file_id(f: &File) -> Result<(u64, u64), Errno> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata().map_err(|e| errno(&e))?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Reads up to `len` bytes at `off` from `f`.

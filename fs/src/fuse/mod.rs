@@ -63,8 +63,13 @@ pub(crate) struct LaminaFs {
     /// Open directories: their listing, made at the first read (a kernel
     /// serving `readdir` from its cache never asks).
     dirs: Mutex<HashMap<u64, Option<Arc<Listing>>>>,
+    /// Without opendir (see `init`): listings being read, by directory
+    /// inode, from a read at offset 0 until a read past their end.
+    reading: Mutex<HashMap<u64, Arc<Listing>>>,
     next_fh: AtomicU64,
     passthrough: AtomicBool,
+    /// The kernel opens directories without asking (`FUSE_NO_OPENDIR_SUPPORT`).
+    no_opendir: AtomicBool,
     statfs_path: PathBuf,
 }
 
@@ -94,6 +99,17 @@ impl Filesystem for LaminaFs {
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // Opening and closing a directory are two round trips per
+        // directory of a walk; without them the kernel keeps listings
+        // cached (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, its default then), as
+        // `opendir` asked before. Every change comes through this mount, and
+        // the kernel drops a directory's cached listing when it changes.
+        if config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok()
+        {
+            self.no_opendir.store(true, Ordering::Relaxed);
+        }
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
@@ -359,7 +375,10 @@ impl Filesystem for LaminaFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close (writes are not cached here, and locks are
+        // the kernel's): ENOSYS makes the kernel stop sending FLUSH, one
+        // round trip less for every close.
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     fn release(
@@ -399,6 +418,10 @@ impl Filesystem for LaminaFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir.load(Ordering::Relaxed) {
+            // From now on the kernel opens directories itself (fh 0).
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         let is_dir = self.view.lock().inode(ino.0).map(|i| i.kind == Kind::Dir);
         match is_dir {
             Ok(true) => {
@@ -438,6 +461,7 @@ impl Filesystem for LaminaFs {
             (ino.0, Kind::Dir, b".".to_vec()),
             (parent.max(1), Kind::Dir, b"..".to_vec()),
         ];
+        let (mut full, mut added) = (false, 0);
         for (i, (child, kind, name)) in dots
             .iter()
             .chain(list.iter())
@@ -450,8 +474,13 @@ impl Filesystem for LaminaFs {
                 kind.file_type(),
                 OsStr::from_bytes(name),
             ) {
+                full = true;
                 break;
             }
+            added += 1;
+        }
+        if !full && added == 0 {
+            self.listed(fh.0, ino.0);
         }
         reply.ok();
     }
@@ -475,6 +504,7 @@ impl Filesystem for LaminaFs {
             .iter()
             .map(|(i, n)| (*i, n, true))
             .chain(list.iter().map(|(i, _, n)| (*i, n, false)));
+        let (mut full, mut added) = (false, 0);
         for (i, (child, name, dot)) in entries.enumerate() {
             let off = i as u64 + 1;
             if off <= offset {
@@ -489,14 +519,20 @@ impl Filesystem for LaminaFs {
                 &attr,
                 Generation(0),
             ) {
+                full = true;
                 break;
             }
+            added += 1;
             // The kernel takes a reference on every entry but the dots.
             if !dot {
                 if let Ok(inode) = cx.inode_mut(child) {
                     inode.nlookup += 1;
                 }
             }
+        }
+        drop(cx);
+        if !full && added == 0 {
+            self.listed(fh.0, ino.0);
         }
         reply.ok();
     }
@@ -632,14 +668,14 @@ impl Filesystem for LaminaFs {
         };
         let _ = flags;
         let file = Arc::new(file);
-        let path = cx.upper_file(ino).ok().flatten();
+        let id = files::file_id(&file).ok();
         let inode = match cx.inode_mut(ino) {
             Ok(i) => i,
             Err(e) => return reply.error(err(e)),
         };
         inode.opens = 1;
         inode.open_fd = Some(file.clone());
-        let backing = match path {
+        let backing = match id {
             Some(p) if self.passthrough.load(Ordering::Relaxed) => match reply.open_backing(&*file)
             {
                 Ok(b) => {

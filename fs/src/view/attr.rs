@@ -1,11 +1,11 @@
 //! What the view tells the kernel about an inode: attributes, link
 //! targets and extended attributes.
 
+use crate::hostpath::HostPath;
 use std::ffi::OsStr;
 use std::fs::{self, Metadata};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -41,7 +41,7 @@ impl Ctx<'_> {
 
     /// Path of an upper-backed inode's file (its fd when unlinked is the
     /// caller's business).
-    pub fn upper_file(&self, ino: u64) -> OpResult<Option<PathBuf>> {
+    pub fn upper_file(&self, ino: u64) -> OpResult<Option<HostPath>> {
         let i = self.inode(ino)?;
         match i.src {
             Src::Upper { slot, .. } if !i.unlinked => {
@@ -244,7 +244,7 @@ impl Ctx<'_> {
     }
 
     /// The upper directories making directory `ino` (to sync them).
-    pub fn upper_dirs(&self, ino: u64) -> OpResult<Vec<PathBuf>> {
+    pub fn upper_dirs(&self, ino: u64) -> OpResult<Vec<HostPath>> {
         let rel = self.path(ino)?;
         Ok(self
             .dir_info(ino)?
@@ -259,7 +259,7 @@ impl Ctx<'_> {
 }
 
 pub(super) enum MetaSource {
-    Upper(PathBuf),
+    Upper(HostPath),
     Lower(Arc<Meta>),
 }
 

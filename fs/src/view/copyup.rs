@@ -74,14 +74,17 @@ impl Ctx<'_> {
             return Err(Errno::EIO);
         }
         let meta = self.visible_meta(ino)?;
+        if ino != ROOT {
+            let parent = self.inode(ino)?.parent;
+            self.ensure_upper_dir(parent, slot)?;
+        }
+        // After the parent: a long path is reached through its parent.
         let dest = self.v.upper_path(slot, &self.path(ino)?);
         if ino == ROOT {
             // The upper root exists; mark it as carrying the root's metadata.
             upper::apply_meta(&dest, &meta, false).map_err(|e| errno(&e))?;
             xattr::set(&dest, upper::ROOT_META, b"y").map_err(|e| errno(&e))?;
         } else {
-            let parent = self.inode(ino)?.parent;
-            self.ensure_upper_dir(parent, slot)?;
             let tmp = self.tmp_path();
             fs::create_dir(&tmp).map_err(|e| errno(&e))?;
             let made = upper::apply_meta(&tmp, &meta, false)
@@ -195,7 +198,7 @@ impl Ctx<'_> {
             })),
             _ => None,
         };
-        let mut first: Option<std::path::PathBuf> = None;
+        let mut first: Option<crate::hostpath::HostPath> = None;
         for (n, m) in members.iter().enumerate() {
             let (parent, _) = split(m);
             let parent_ino = match parent {
@@ -338,7 +341,7 @@ fn keeping_parent_times<T>(path: &Path, f: impl FnOnce() -> OpResult<T>) -> OpRe
     if let Some((p, m)) = parent {
         let at = filetime::FileTime::from_last_access_time(&m);
         let mt = filetime::FileTime::from_last_modification_time(&m);
-        if let Err(e) = filetime::set_symlink_file_times(p, at, mt) {
+        if let Err(e) = filetime::set_file_times(p, at, mt) {
             tracing::warn!(dir = %p.display(), error = %e, "cannot restore times after a copy-up");
         }
     }

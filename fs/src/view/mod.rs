@@ -35,9 +35,7 @@ pub(crate) use ns::Caller;
 pub(crate) use setattr::SetAttr;
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
 use std::fs::{self, File, Metadata};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,6 +46,8 @@ use lamina_sync::manifest::{Entry, EntryKind, Meta, NAME_MAX};
 use lamina_sync::ManifestId;
 use nix::errno::Errno;
 
+use crate::error::IoContext;
+use crate::hostpath::HostPath;
 use crate::lower::{FileData, Lower};
 use crate::rules::Rules;
 use crate::upper::{self, Origin};
@@ -176,7 +176,8 @@ pub(crate) enum Io {
     Cached(u32),
     Passthrough {
         backing: Arc<fuser::BackingId>,
-        target: PathBuf,
+        /// Device and inode number of the backing file.
+        target: (u64, u64),
         count: u32,
     },
 }
@@ -340,6 +341,7 @@ impl View {
                 tmp_seq: 0,
             }),
         };
+        v.mark_upper_roots();
         let root = Inode::new(
             Kind::Dir,
             0,
@@ -353,6 +355,47 @@ impl View {
         );
         v.lock().st.inodes.insert(ROOT, root);
         v
+    }
+
+    /// Marks each upper root that holds entries but not the root's
+    /// metadata (entries placed there from outside the mount) as carrying
+    /// the metadata shown below it, so that the mount shows those entries
+    /// as `lamina status` and commit see them: an upper root's entries
+    /// always count, its metadata only once marked.
+    fn mark_upper_roots(&self) {
+        let mut below = self.default_meta.clone();
+        for slot in &self.slots {
+            if let Some((meta, _)) = &slot.root {
+                below = meta.clone();
+            }
+            let Some(u) = &slot.upper else { continue };
+            if matches!(xattr::get(u, upper::ROOT_META), Ok(Some(_))) {
+                match fs::symlink_metadata(u)
+                    .ctx(u, "stat")
+                    .and_then(|m| crate::commit::upper_meta(u, &m))
+                {
+                    Ok(m) => below = Arc::new(m),
+                    Err(e) => {
+                        tracing::warn!(upper = %u.display(), error = %e, "cannot read an upper root's metadata")
+                    }
+                }
+                continue;
+            }
+            let has_entries = fs::read_dir(u).is_ok_and(|mut d| d.next().is_some());
+            if !has_entries {
+                continue;
+            }
+            let marked = upper::apply_meta(u, &below, false)
+                .and_then(|()| xattr::set(u, upper::ROOT_META, b"y"));
+            match marked {
+                Ok(()) => {
+                    tracing::info!(upper = %u.display(), "upper root held entries without the root's metadata: marked")
+                }
+                Err(e) => {
+                    tracing::warn!(upper = %u.display(), error = %e, "cannot mark an upper root; its entries stay hidden")
+                }
+            }
+        }
     }
 
     fn root_stack(&self) -> Vec<Part> {
@@ -405,12 +448,10 @@ impl View {
     }
 
     /// `slot`'s upper path of `rel` (relative, no leading `/`).
-    pub fn upper_path(&self, slot: usize, rel: &[u8]) -> PathBuf {
-        let base = self.slots[slot].upper.clone().unwrap_or_default();
-        if rel.is_empty() {
-            base
-        } else {
-            base.join(OsStr::from_bytes(rel))
+    pub fn upper_path(&self, slot: usize, rel: &[u8]) -> HostPath {
+        match &self.slots[slot].upper {
+            Some(base) => HostPath::join(base, rel),
+            None => HostPath::plain(PathBuf::new()),
         }
     }
 

@@ -12,7 +12,6 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::PathBuf;
 
 use nix::errno::Errno;
 use nix::fcntl::RenameFlags;
@@ -34,7 +33,7 @@ pub(crate) struct Caller {
 pub(crate) struct NewEntry {
     pub slot: usize,
     /// Its path in the slot's upper.
-    pub dest: PathBuf,
+    pub dest: crate::hostpath::HostPath,
     /// The upper holds a whiteout there, to be replaced.
     pub over_whiteout: bool,
     /// A new directory must be opaque (a lower plane has the name).
@@ -180,7 +179,7 @@ impl Ctx<'_> {
         let ne = self.new_entry(parent, name)?;
         let (uid, gid, mode) = self.owner(parent, c, mode, false)?;
         let at = if ne.over_whiteout {
-            self.tmp_path()
+            crate::hostpath::HostPath::plain(self.tmp_path())
         } else {
             ne.dest.clone()
         };
@@ -292,23 +291,26 @@ impl Ctx<'_> {
         if self.inode(ino)?.kind == Kind::Dir {
             return Err(Errno::EPERM);
         }
-        let slot = self.make_upper(ino)?;
-        let src = self.upper_file(ino)?.ok_or(Errno::ENOENT)?;
+        let mut slot = self.make_upper(ino)?;
         check_name(newname)?;
         if self.child(newparent, newname)?.is_some() {
             return Err(Errno::EEXIST);
         }
         // All names of a file live in one slot (one layer's version holds
         // the whole link group), so the new name joins the file's slot if
-        // nothing above hides it there.
+        // nothing above hides it there; otherwise the file's names all move
+        // up to the slot the new name can be in.
         let probes = self.probe(newparent, newname)?;
         let floor = self.dir_info(newparent)?.floor;
         let bound = probes.first().map_or(floor, |(p, _)| (*p).min(floor));
-        if self.v.up(slot) > bound {
-            return Err(Errno::EXDEV);
-        }
-        self.ensure_upper_dir(newparent, slot)?;
         let rel = join(&self.path(newparent)?, newname);
+        if self.v.up(slot) > bound {
+            let w = self.pick_slot(&rel, bound)?;
+            self.lift(ino, w)?;
+            slot = w;
+        }
+        let src = self.upper_file(ino)?.ok_or(Errno::ENOENT)?;
+        self.ensure_upper_dir(newparent, slot)?;
         let dest = self.v.upper_path(slot, &rel);
         let up = self.v.up(slot);
         let over_whiteout = probes

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
 
 use lamina_sync::manifest::EntryKind;
 use nix::errno::Errno;
@@ -162,14 +161,18 @@ impl Ctx<'_> {
             return Err(Errno::EIO);
         };
         let bound = self.bound(newparent, newname)?;
-        let w2 = if self.attr(src)?.nlink > 1 {
-            // Every name of a file stays in one slot.
+        let (s1, w2) = if self.attr(src)?.nlink > 1 {
+            // Every name of a file stays in one slot: if the new name
+            // cannot be in this one, they all move up to where it can.
             if self.v.up(s1) > bound {
-                return Err(Errno::EXDEV);
+                let w = self.pick_slot(new_rel, bound)?;
+                self.lift(src, w)?;
+                (w, w)
+            } else {
+                (s1, s1)
             }
-            s1
         } else {
-            self.pick_slot(new_rel, bound)?
+            (s1, self.pick_slot(new_rel, bound)?)
         };
         self.ensure_upper_dir(newparent, w2)?;
         let from = self.v.upper_path(s1, old_rel);
@@ -324,7 +327,7 @@ impl Ctx<'_> {
         dir: u64,
         slot: usize,
         dest_rel: &[u8],
-        links: &mut HashMap<(usize, Vec<u8>), PathBuf>,
+        links: &mut HashMap<(usize, Vec<u8>), crate::hostpath::HostPath>,
     ) -> OpResult<()> {
         let kids: Vec<(Vec<u8>, u64)> = self
             .children(dir)?
@@ -399,8 +402,67 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Swaps two names (`RENAME_EXCHANGE`); supported when both are in the
-    /// same writable upper and neither is a merged directory.
+    /// Moves every name of upper entry `ino` (a non-directory, or a
+    /// directory made by one upper alone) from its slot up to slot `w`, at
+    /// the same paths: there they hide what the old slot had below them,
+    /// so nothing else changes in the view. Each name moves with one
+    /// rename, so a crash leaves each at its old or its new place.
+    pub(super) fn lift(&mut self, ino: u64, w: usize) -> OpResult<()> {
+        let i = self.inode(ino)?;
+        let s = match &i.src {
+            Src::Upper { slot, .. } => *slot,
+            Src::Dir(d) => match d.stack.as_slice() {
+                [Part::Upper(s)] => *s,
+                // Merged with lower planes: as overlayfs without
+                // redirect_dir, callers fall back to copying.
+                _ => return Err(Errno::EXDEV),
+            },
+            Src::Lower { .. } => return Err(Errno::EIO),
+        };
+        if s == w {
+            return Ok(());
+        }
+        if !self.v.writable(w) || self.v.up(w) > self.v.up(s) {
+            return Err(Errno::EXDEV);
+        }
+        let names: Vec<(u64, Vec<u8>)> = std::iter::once((i.parent, i.name.clone()))
+            .chain(i.aliases.iter().cloned())
+            .collect();
+        for (p, _) in &names {
+            if self.v.up(w) > self.dir_info(*p)?.floor {
+                return Err(Errno::EXDEV);
+            }
+        }
+        for (p, n) in &names {
+            self.ensure_upper_dir(*p, w)?;
+            let rel = join(&self.path(*p)?, n);
+            rename2(
+                &self.v.upper_path(s, &rel),
+                &self.v.upper_path(w, &rel),
+                RenameFlags::RENAME_NOREPLACE,
+            )?;
+        }
+        let is_dir = match &mut self.inode_mut(ino)?.src {
+            Src::Upper { slot, .. } => {
+                *slot = w;
+                false
+            }
+            Src::Dir(d) => {
+                d.stack = vec![Part::Upper(w)];
+                true
+            }
+            Src::Lower { .. } => false,
+        };
+        if is_dir {
+            self.refresh_tree(ino)?;
+        }
+        Ok(())
+    }
+
+    /// Swaps two names (`RENAME_EXCHANGE`). Both are copied up, the one in
+    /// the lower slot is lifted to the other's (see [`Ctx::lift`]), then
+    /// one `renameat2` swaps them. A directory merged with lower planes
+    /// cannot be swapped (`EXDEV`, as on overlayfs without redirect_dir).
     fn exchange(
         &mut self,
         parent: u64,
@@ -416,21 +478,28 @@ impl Ctx<'_> {
             if self.inode(ino)?.kind == Kind::Dir {
                 match self.dir_info(ino)?.stack.as_slice() {
                     [Part::Upper(s)] => slots.push(*s),
-                    _ => return Err(Errno::EINVAL),
+                    _ => return Err(Errno::EXDEV),
                 }
             } else {
                 slots.push(self.make_upper(ino)?);
             }
         }
-        if slots[0] != slots[1] {
-            return Err(Errno::EINVAL);
+        // The higher of the two slots takes both.
+        let (w, low) = if self.v.up(slots[0]) <= self.v.up(slots[1]) {
+            (slots[0], dst)
+        } else {
+            (slots[1], src)
+        };
+        self.lift(low, w)?;
+        let a = self.v.upper_path(w, &join(&self.path(parent)?, name));
+        let b = self.v.upper_path(w, &join(&self.path(newparent)?, newname));
+        // A directory landing where a lower plane shows a directory would
+        // merge with it: opaque, it keeps showing only its own entries.
+        for (ino, from, dir, at) in [(src, &a, newparent, newname), (dst, &b, parent, name)] {
+            if self.inode(ino)?.kind == Kind::Dir && self.shows_below(dir, at, self.v.up(w))? {
+                upper::set_opaque(from).map_err(|e| errno(&e))?;
+            }
         }
-        let a = self
-            .v
-            .upper_path(slots[0], &join(&self.path(parent)?, name));
-        let b = self
-            .v
-            .upper_path(slots[0], &join(&self.path(newparent)?, newname));
         rename2(&a, &b, RenameFlags::RENAME_EXCHANGE)?;
         self.move_name(parent, name, src, newparent, b"\0tmp")?;
         self.move_name(newparent, newname, dst, parent, name)?;
@@ -440,7 +509,7 @@ impl Ctx<'_> {
                 self.refresh_tree(ino)?;
             }
         }
-        self.touch_dir(parent, slots[0])?;
-        self.touch_dir(newparent, slots[0])
+        self.touch_dir(parent, w)?;
+        self.touch_dir(newparent, w)
     }
 }

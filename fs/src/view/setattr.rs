@@ -89,13 +89,13 @@ impl Ctx<'_> {
         if let Some(size) = sa.size {
             match &fd {
                 Some(f) => f.set_len(size).map_err(|e| errno(&e))?,
-                None => nix::unistd::truncate(&path, size as i64)?,
+                None => nix::unistd::truncate(&*path, size as i64)?,
             }
         }
         if sa.atime.is_some() || sa.mtime.is_some() {
             utimensat(
                 AT_FDCWD,
-                &path,
+                &*path,
                 &timespec(sa.atime),
                 &timespec(sa.mtime),
                 UtimensatFlags::NoFollowSymlink,
@@ -123,7 +123,7 @@ impl Ctx<'_> {
     }
 
     /// The upper path carrying `ino`'s metadata, after copying it up.
-    fn upper_meta_path(&mut self, ino: u64) -> OpResult<std::path::PathBuf> {
+    fn upper_meta_path(&mut self, ino: u64) -> OpResult<crate::hostpath::HostPath> {
         self.make_upper(ino)?;
         let rel = self.path(ino)?;
         match &self.inode(ino)?.src {
