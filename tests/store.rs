@@ -873,3 +873,55 @@ fn crashes_between_ordered_steps_leave_a_consistent_store() {
         compare_trees(&kept, &dest);
     }
 }
+
+/// Threads a `lamina` command starts, counted exactly: the command runs as
+/// the first child of a shell that is pid 1 of a new pid namespace, so every
+/// pid allocated there after the shell's (1) and the command's (2) is one of
+/// the command's threads, up to the probe shell that runs after it exits.
+fn threads_started(env: &Env, args: &str) -> u32 {
+    let script =
+        format!("\"$0\" --store \"$1\" {args} >/dev/null || exit 1; sh -c 'echo $$' && true");
+    let out = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "sh", "-c", &script])
+        .arg(bin())
+        .arg(&env.store)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lamina {args} in a pid namespace: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let probe: u32 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    probe - 3
+}
+
+/// Issue 15, point 9: every store open started ~300 threads (RocksDB's
+/// table loading, 16 threads per column family, twice for a reader).
+#[test]
+fn issue_15_store_commands_start_few_threads() {
+    if !require(is_root(), "root (a pid namespace counts the threads)") {
+        return;
+    }
+    let env = Env::new();
+    env.create("os/t", "os", "tree");
+    env.create("os/d", "os", "disk");
+    let src = env.path("src");
+    text_tree(&src, 8, 1);
+    env.import("os/t", &src);
+    let image = env.path("disk.img");
+    make_image(&image);
+    env.import("os/d", &image);
+    for (args, most) in [
+        ("layer ls", 10),
+        ("layer log os/t", 10),
+        ("layer create os/e --kind os --format tree", 10),
+    ] {
+        let n = threads_started(&env, args);
+        assert!(n <= most, "lamina {args} started {n} threads");
+    }
+}
