@@ -231,32 +231,58 @@ impl Sealer {
 impl Sealer {
     /// Seals consecutive chunks: together as one frame when that saves at
     /// least 5 %, else each on its own.
+    ///
+    /// A frame that does not shrink below [`FRAME_SKIP_PERCENT`] of its
+    /// plain size is incompressible as a whole (media, archives); its
+    /// members are stored plain without compressing each of them again,
+    /// which would cost a second zstd pass over the same bytes for at most
+    /// 1 % of them saved.
     pub fn seal_many(&mut self, members: &[(ChunkId, Vec<u8>)]) -> Vec<Sealed> {
         if let [(id, data)] = members {
             return vec![Sealed::Chunk(self.seal(*id, data))];
         }
-        let plain: Vec<u8> = members
-            .iter()
-            .flat_map(|(_, d)| d.iter().copied())
-            .collect();
-        if let Some(z) = self.zstd.as_mut() {
-            let mut out = Vec::with_capacity(plain.len() * FRAME_KEEP_PERCENT / 100);
-            if z.compress_to_buffer(&plain, &mut out).is_ok() {
-                return vec![Sealed::Frame(SealedFrame {
+        let total: usize = members.iter().map(|(_, d)| d.len()).sum();
+        let mut plain = Vec::with_capacity(total);
+        for (_, d) in members {
+            plain.extend_from_slice(d);
+        }
+        let Some(z) = self.zstd.as_mut() else {
+            return members.iter().map(|(id, d)| plain_chunk(*id, d)).collect();
+        };
+        // Room for the plain size: a frame that does not fit did not shrink.
+        let mut out = Vec::with_capacity(plain.len());
+        let stored = z.compress_to_buffer(&plain, &mut out).ok();
+        match stored {
+            Some(n) if n * 100 <= plain.len() * FRAME_KEEP_PERCENT => {
+                vec![Sealed::Frame(SealedFrame {
                     members: members
                         .iter()
                         .map(|(id, d)| (*id, d.len() as u32))
                         .collect(),
                     plain_len: plain.len() as u32,
                     data: out,
-                })];
+                })]
             }
+            Some(n) if n * 100 < plain.len() * FRAME_SKIP_PERCENT => members
+                .iter()
+                .map(|(id, d)| Sealed::Chunk(self.seal(*id, d)))
+                .collect(),
+            _ => members.iter().map(|(id, d)| plain_chunk(*id, d)).collect(),
         }
-        members
-            .iter()
-            .map(|(id, d)| Sealed::Chunk(self.seal(*id, d)))
-            .collect()
     }
+}
+
+/// A frame at or above this fraction (in 1/100) of its plain size is
+/// incompressible as a whole: its members are stored plain.
+const FRAME_SKIP_PERCENT: usize = 99;
+
+fn plain_chunk(id: ChunkId, data: &[u8]) -> Sealed {
+    Sealed::Chunk(SealedChunk {
+        id,
+        plain_len: data.len() as u32,
+        compression: Compression::None,
+        data: data.to_vec(),
+    })
 }
 
 /// Decompresses a frame's data to its `plain_len` bytes.
@@ -443,6 +469,38 @@ mod tests {
         assert!(sealed
             .iter()
             .all(|x| matches!(x, Sealed::Chunk(c) if c.compression == Compression::None)));
+    }
+
+    #[test]
+    fn mixed_frames_keep_their_compressible_members() {
+        let mut s = Sealer::new();
+        // Mostly random with one 2 % text member: the frame saves too
+        // little to keep (above 95 %) but is not incompressible (below
+        // 99 %), so members are sealed one by one and the text shrinks.
+        let text = b"lamina text ".repeat(1333);
+        let mut members: Vec<(ChunkId, Vec<u8>)> = (0..12)
+            .map(|i| {
+                let d = pseudo_random(65_536, 7 * i + 3);
+                (ChunkId::of(&d), d)
+            })
+            .collect();
+        members.push((ChunkId::of(&text), text.clone()));
+        let sealed = s.seal_many(&members);
+        assert_eq!(sealed.len(), members.len());
+        for (x, (id, plain)) in sealed.iter().zip(&members) {
+            let Sealed::Chunk(c) = x else {
+                panic!("expected chunk records, got {x:?}")
+            };
+            assert_eq!(c.id, *id);
+            let expect = if *plain == text {
+                Compression::Zstd
+            } else {
+                Compression::None
+            };
+            assert_eq!(c.compression, expect);
+            let back = unseal(c.id, c.plain_len, c.compression, c.data.clone()).unwrap();
+            assert_eq!(&back, plain);
+        }
     }
 
     proptest! {
