@@ -4,9 +4,10 @@
 #   libzstd-dev pkg-config      : chunk compression (links Debian's zstd)
 #   restic                      : the peer of `lamina bench import`
 #   util-linux                  : setpriv, to run tests as an unprivileged user
-#   libnbd-bin python3-libnbd fio openssl
+#   libnbd-bin python3-libnbd fio openssl nbdkit
 #                               : NBD peers (nbdinfo, nbdcopy, nbdsh, fio's nbd
-#                                 engine) and test certificates
+#                                 engine), test certificates, and `nbdkit memory`,
+#                                 the ceiling column of `lamina bench nbd`
 #   qemu-system-x86 qemu-system-arm qemu-utils
 #                               : QEMU boots the fixture guest (x86_64; aarch64 with
 #                                 qemu-system-aarch64 from qemu-system-arm); qemu-img,
@@ -29,7 +30,7 @@
 #                                 one-node cluster of its tests (scripts/ceph.sh)
 set -euo pipefail
 pkgs=(librocksdb-dev libclang-dev libzstd-dev pkg-config restic util-linux
-      libnbd-bin python3-libnbd fio openssl fuse3 fuse-overlayfs
+      libnbd-bin python3-libnbd fio openssl nbdkit fuse3 fuse-overlayfs
       linux-image-amd64 busybox-static e2fsprogs cpio curl rsync unison iproute2
       novnc websockify chromium chromium-driver
       librados-dev ceph-mon ceph-osd ceph-mgr ceph-common)

@@ -1,12 +1,18 @@
 //! `lamina bench nbd`: Lamina's NBD server beside qemu-nbd, same images,
-//! same fio and nbdcopy runs, in one process run.
+//! same fio and nbdcopy runs, in one process run, with `nbdkit memory` as
+//! the ceiling.
 //!
 //! Two setups: (1) a standalone qcow2 file, served by `lamina serve --file`
 //! and by `qemu-nbd`, each on its own copy; (2) a disk (store base layer +
 //! empty overlay) against qemu-nbd serving the equivalent qcow2 chain (base
 //! qcow2 + empty overlay). Both are warmed with one sequential read first
 //! (Lamina's cluster cache and the page cache), then every workload runs on
-//! one server and then the other. Throughput from fio's own JSON report.
+//! one server, then the other, then on `nbdkit memory` holding the same
+//! image (written into it first). nbdkit's memory plugin keeps the disk in
+//! RAM and does no storage work at all, so its figures are what the NBD
+//! transport itself (client, socket, request framing) allows on this
+//! machine: no server that stores anything can beat it by much. Every
+//! server listens on a Unix socket. Throughput from fio's own JSON report.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -94,6 +100,25 @@ fn lamina_serve(
     Ok(Running {
         child,
         uri: String::new(),
+    })
+}
+
+/// `nbdkit memory` with a RAM disk of `size` bytes: the ceiling.
+fn nbdkit_memory(size: u64, sock: &Path) -> anyhow::Result<Running> {
+    let _ = std::fs::remove_file(sock);
+    let mut child = Command::new("nbdkit")
+        .args(["--foreground", "--exit-with-parent", "--unix"])
+        .arg(sock)
+        .arg("memory")
+        .arg(format!("size={size}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting nbdkit (apt-get install nbdkit)")?;
+    wait_for_socket(sock, &mut child)?;
+    Ok(Running {
+        child,
+        uri: format!("nbd+unix:///?socket={}", sock.display()),
     })
 }
 
@@ -235,10 +260,40 @@ struct Row {
     connections: u32,
     lamina_mib_s: f64,
     qemu_nbd_mib_s: f64,
+    nbdkit_memory_mib_s: f64,
     lamina_iops: f64,
     qemu_nbd_iops: f64,
+    nbdkit_memory_iops: f64,
     /// Lamina over qemu-nbd (IOPS for 4K, MiB/s otherwise).
     ratio: f64,
+    /// Lamina over nbdkit memory, the ceiling (same measure).
+    ratio_nbdkit_memory: f64,
+}
+
+impl Row {
+    /// A row from (MiB/s, IOPS) of Lamina, qemu-nbd and nbdkit memory.
+    fn new(
+        setup: &'static str,
+        workload: &str,
+        connections: u32,
+        iops: bool,
+        [l, q, n]: [(f64, f64); 3],
+    ) -> Row {
+        let measure = |r: (f64, f64)| if iops { r.1 } else { r.0 };
+        Row {
+            setup,
+            workload: workload.into(),
+            connections,
+            lamina_mib_s: l.0,
+            qemu_nbd_mib_s: q.0,
+            nbdkit_memory_mib_s: n.0,
+            lamina_iops: l.1,
+            qemu_nbd_iops: q.1,
+            nbdkit_memory_iops: n.1,
+            ratio: measure(l) / measure(q).max(1e-9),
+            ratio_nbdkit_memory: measure(l) / measure(n).max(1e-9),
+        }
+    }
 }
 
 /// Report of `bench nbd`.
@@ -247,6 +302,7 @@ pub struct NbdReport {
     image_bytes: u64,
     seconds_per_run: u64,
     qemu_nbd_version: String,
+    nbdkit_version: String,
     rows: Vec<Row>,
     /// Peak RSS of `lamina serve` on a 10 GiB disk after random I/O over it.
     lamina_rss_10g_bytes: u64,
@@ -282,68 +338,55 @@ struct Setup {
     name: &'static str,
     lamina: Running,
     qemu: Running,
+    nbdkit: Running,
+}
+
+impl Setup {
+    /// The servers in table order: Lamina, qemu-nbd, nbdkit memory.
+    fn servers(&self) -> [&Running; 3] {
+        [&self.lamina, &self.qemu, &self.nbdkit]
+    }
+}
+
+/// Runs `f` on each server of `setup` in turn.
+fn each<T: Copy + Default>(
+    setup: &Setup,
+    mut f: impl FnMut(&Running) -> anyhow::Result<T>,
+) -> anyhow::Result<[T; 3]> {
+    let mut out = [T::default(); 3];
+    for (o, srv) in out.iter_mut().zip(setup.servers()) {
+        *o = f(srv)?;
+    }
+    Ok(out)
 }
 
 fn compare(
     setup: &Setup,
+    image: &Path,
     size: u64,
     seconds: u64,
     rows: &mut Vec<Row>,
     out: &Out,
     scratch: &Path,
 ) -> anyhow::Result<()> {
-    // Warm both: one full sequential read.
+    // The RAM disk gets the same image; then warm all: one full
+    // sequential read.
     out.summary(&format!("{}: warming up…", setup.name));
-    nbdcopy(&setup.lamina.uri, None, size)?;
-    nbdcopy(&setup.qemu.uri, None, size)?;
+    nbdcopy(&setup.nbdkit.uri, Some(image), size)?;
+    each(setup, |s| nbdcopy(&s.uri, None, size))?;
     for jobs in [1u32, 4] {
         for w in WORKLOADS {
             out.summary(&format!("{}: {} × {jobs}…", setup.name, w.name));
-            let (lb, li) = fio(&setup.lamina.uri, w, jobs, seconds)?;
-            let (qb, qi) = fio(&setup.qemu.uri, w, jobs, seconds)?;
-            let ratio = if w.bs == "4k" {
-                li / qi.max(1e-9)
-            } else {
-                lb / qb.max(1e-9)
-            };
-            rows.push(Row {
-                setup: setup.name,
-                workload: w.name.into(),
-                connections: jobs,
-                lamina_mib_s: lb,
-                qemu_nbd_mib_s: qb,
-                lamina_iops: li,
-                qemu_nbd_iops: qi,
-                ratio,
-            });
+            let r = each(setup, |s| fio(&s.uri, w, jobs, seconds))?;
+            rows.push(Row::new(setup.name, w.name, jobs, w.bs == "4k", r));
         }
     }
     let src = scratch.join("nbdcopy-src.raw");
     make_raw(&src, size, 1.0)?;
-    let l = nbdcopy(&setup.lamina.uri, None, size)?;
-    let q = nbdcopy(&setup.qemu.uri, None, size)?;
-    rows.push(Row {
-        setup: setup.name,
-        workload: "nbdcopy read".into(),
-        connections: 4,
-        lamina_mib_s: l,
-        qemu_nbd_mib_s: q,
-        lamina_iops: 0.0,
-        qemu_nbd_iops: 0.0,
-        ratio: l / q.max(1e-9),
-    });
-    let l = nbdcopy(&setup.lamina.uri, Some(&src), size)?;
-    let q = nbdcopy(&setup.qemu.uri, Some(&src), size)?;
-    rows.push(Row {
-        setup: setup.name,
-        workload: "nbdcopy write".into(),
-        connections: 4,
-        lamina_mib_s: l,
-        qemu_nbd_mib_s: q,
-        lamina_iops: 0.0,
-        qemu_nbd_iops: 0.0,
-        ratio: l / q.max(1e-9),
-    });
+    let r = each(setup, |s| Ok((nbdcopy(&s.uri, None, size)?, 0.0)))?;
+    rows.push(Row::new(setup.name, "nbdcopy read", 4, false, r));
+    let r = each(setup, |s| Ok((nbdcopy(&s.uri, Some(&src), size)?, 0.0)))?;
+    rows.push(Row::new(setup.name, "nbdcopy write", 4, false, r));
     let _ = std::fs::remove_file(&src);
     Ok(())
 }
@@ -367,6 +410,17 @@ pub fn run(
                 .map(str::to_owned)
         })
         .context("qemu-nbd not found (apt-get install qemu-utils)")?;
+    let nbdkit_version = Command::new("nbdkit")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_owned)
+        })
+        .context("nbdkit not found (apt-get install nbdkit)")?;
     let lam = |args: &[&str], store: &Path| -> anyhow::Result<()> {
         run_ok(
             Command::new(lamina)
@@ -451,8 +505,9 @@ pub fn run(
             name,
             lamina: lamina_srv,
             qemu: qemu_srv,
+            nbdkit: nbdkit_memory(size, &p("nbdkit.sock"))?,
         };
-        compare(&setup, size, seconds, &mut rows, out, work)?;
+        compare(&setup, &raw, size, seconds, &mut rows, out, work)?;
     }
     // Memory on a 10 GiB disk after random I/O across it.
     out.summary("measuring memory on a 10 GiB disk…");
@@ -475,6 +530,7 @@ pub fn run(
         image_bytes: size,
         seconds_per_run: seconds,
         qemu_nbd_version,
+        nbdkit_version,
         rows,
         lamina_rss_10g_bytes: l.peak_rss(),
         qemu_nbd_rss_10g_bytes: q.peak_rss(),
@@ -484,8 +540,9 @@ pub fn run(
 /// Text form of the report.
 pub fn render(r: &NbdReport) -> String {
     let mut s = format!(
-        "{} ; {} image, {} s per run\n{:<12} {:<20} {:>4} {:>12} {:>12} {:>7}\n",
+        "{} ; {} ; {} image, {} s per run\n{:<12} {:<20} {:>4} {:>12} {:>12} {:>12} {:>7} {:>7}\n",
         r.qemu_nbd_version,
+        r.nbdkit_version,
         bytes(r.image_bytes),
         r.seconds_per_run,
         "setup",
@@ -493,7 +550,9 @@ pub fn render(r: &NbdReport) -> String {
         "conn",
         "lamina",
         "qemu-nbd",
-        "ratio"
+        "nbdkit-mem",
+        "/qemu",
+        "/nbdkit"
     );
     for row in &r.rows {
         let fmt = |mib: f64, iops: f64| {
@@ -504,13 +563,15 @@ pub fn render(r: &NbdReport) -> String {
             }
         };
         s.push_str(&format!(
-            "{:<12} {:<20} {:>4} {:>12} {:>12} {:>6.2}x\n",
+            "{:<12} {:<20} {:>4} {:>12} {:>12} {:>12} {:>6.2}x {:>6.2}x\n",
             row.setup,
             row.workload,
             row.connections,
             fmt(row.lamina_mib_s, row.lamina_iops),
             fmt(row.qemu_nbd_mib_s, row.qemu_nbd_iops),
-            row.ratio
+            fmt(row.nbdkit_memory_mib_s, row.nbdkit_memory_iops),
+            row.ratio,
+            row.ratio_nbdkit_memory
         ));
     }
     s.push_str(&format!(
