@@ -233,7 +233,7 @@ h.connect_uri(uri_rw)
 size = h.get_size()
 assert h.can_meta_context("base:allocation") and h.can_meta_context("qemu:dirty-bitmap:lamina")
 assert h.can_multi_conn() and h.can_fua() and h.can_trim() and h.can_zero() and h.can_fast_zero() and h.can_df()
-assert h.get_block_size(nbd.SIZE_MINIMUM) == 512 and h.get_block_size(nbd.SIZE_MAXIMUM) == 32 << 20
+assert h.get_block_size(nbd.SIZE_MINIMUM) == 512 and h.get_block_size(nbd.SIZE_MAXIMUM) == 64 << 20
 
 # FUA write, then read back.
 h.pwrite(b"\x5a" * 65536, 1 << 20, nbd.CMD_FLAG_FUA)
@@ -271,7 +271,8 @@ for meta, lists in seen.items():
 expect_error(lambda: h.pread(512, size), errno.EINVAL, "read past the end")
 expect_error(lambda: h.pwrite(b"x" * 512, size), errno.ENOSPC, "write past the end")
 expect_error(lambda: h.pread(512, 100), errno.EINVAL, "unaligned read")
-expect_error(lambda: h.pread((32 << 20) + 512, 0), errno.EOVERFLOW, "oversized read")
+# (Requests over the maximum: libnbd will not send them; see
+# `requests_over_the_maximum_get_an_error_and_the_connection_goes_on`.)
 expect_error(lambda: h.trim(512, size), errno.EINVAL, "trim past the end")
 assert h.pread(512, 0) is not None
 
@@ -739,4 +740,128 @@ fn blank_disks_and_commits_to_another_layer() {
     env.create("tree", "data", "tree");
     let (_, err) = env.fail(&["disk", "commit", "blank", "--to", "tree"]);
     assert!(err.contains("not a disk layer"), "{err}");
+}
+
+/// One write and one read of 48 MiB each (more than the 2^25 bytes every
+/// server must take), read back over structured and simple replies.
+const HUGE_SCRIPT: &str = r#"
+import random, sys, nbd
+uri, keep = sys.argv[1], sys.argv[2]
+n = 48 << 20
+data = random.Random(15).randbytes(n)
+open(keep, "wb").write(data)
+h = nbd.NBD()
+h.connect_uri(uri)
+h.pwrite(data, 8 << 20)
+assert h.pread(n, 8 << 20) == data, "structured read back"
+h.flush()
+assert h.get_block_size(nbd.SIZE_MAXIMUM) >= n, h.get_block_size(nbd.SIZE_MAXIMUM)
+h.shutdown()
+s = nbd.NBD()
+s.set_request_structured_replies(False)
+s.connect_uri(uri)
+assert not s.get_structured_replies_negotiated()
+assert s.pread(n, 8 << 20) == data, "simple read back"
+s.shutdown()
+print("ok")
+"#;
+
+/// Issue 15, point 8: nbd-tester-client's `integrityhuge` sends requests
+/// up to 47.6 MiB, which the server refused (its cap was 32 MiB).
+#[test]
+fn requests_of_48_mib_write_and_read_back_in_one_call() {
+    let (env, _base) = disk_env();
+    let mut server = Server::start(&env, &[]);
+    let want = env.path("want.raw");
+    let out = python_nbd(
+        HUGE_SCRIPT,
+        &[&server.unix_uri("vm"), want.to_str().unwrap()],
+    );
+    assert_eq!(out.trim(), "ok");
+    // The data landed where it was written, for another client too.
+    let got = env.path("got.raw");
+    run_ok("nbdcopy", &[&server.unix_uri("vm"), got.to_str().unwrap()]);
+    let got = fs::read(&got).unwrap();
+    assert!(got[8 * MIB as usize..56 * MIB as usize] == fs::read(&want).unwrap()[..]);
+    assert!(server.stop().success());
+}
+
+/// Raw socket: a read and a write over the advertised maximum payload get
+/// errors (EOVERFLOW for the read, EINVAL for the write, whose payload the
+/// server skips), and the connection goes on serving requests.
+const OVER_MAX_SCRIPT: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+def recv(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        assert c, "server closed"
+        b += c
+    return b
+recv(18)
+s.sendall(struct.pack(">I", 1 | 2))
+def option(o, data=b""):
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, o, len(data)) + data)
+def reply():
+    m, ro, rt, rl = struct.unpack(">QIII", recv(20))
+    assert m == 0x3e889045565a9, hex(m)
+    return rt, recv(rl)
+option(8)                                # STRUCTURED_REPLY
+assert reply()[0] == 1
+name = b"big"                            # GO, asking for INFO_BLOCK_SIZE
+option(7, struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, 3))
+maximum = None
+while True:
+    rt, d = reply()
+    if rt != 3:
+        break
+    if struct.unpack(">H", d[:2])[0] == 3:
+        _, _, maximum = struct.unpack(">III", d[2:14])
+assert rt == 1, rt
+assert maximum and maximum >= 48 << 20, maximum
+def request(kind, offset, length, payload=b"", cookie=7):
+    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, kind, cookie, offset, length) + payload)
+def answer():
+    # (error, data) of one reply, simple or structured.
+    data, error = b"", 0
+    while True:
+        magic = struct.unpack(">I", recv(4))[0]
+        if magic == 0x67446698:
+            error, _ = struct.unpack(">IQ", recv(12))
+            return error, data
+        assert magic == 0x668e33ef, hex(magic)
+        flags, kind, _, length = struct.unpack(">HHQI", recv(16))
+        body = recv(length)
+        if kind == 1:                    # OFFSET_DATA
+            data += body[8:]
+        elif kind == (1 << 15) + 1:      # ERROR
+            error = struct.unpack(">I", body[:4])[0]
+        if flags & 1:
+            return error, data
+over = maximum + 512
+request(0, 0, over)
+assert answer()[0] == 75, "read over the maximum: EOVERFLOW"
+request(1, 0, over, b"\xee" * over)
+assert answer()[0] == 22, "write over the maximum: EINVAL"
+request(1, 0, 4096, b"\xab" * 4096)
+assert answer() == (0, b""), "a write after them"
+request(0, 0, 8192)
+assert answer() == (0, b"\xab" * 4096 + bytes(4096)), "a read after them"
+request(2, 0, 0)                         # DISC
+print("ok")
+"#;
+
+#[test]
+fn requests_over_the_maximum_get_an_error_and_the_connection_goes_on() {
+    let env = Env::new();
+    env.ok(&["disk", "create", "big", "--size", "256M"]);
+    let mut server = Server::start(&env, &[]);
+    let out = python_nbd(OVER_MAX_SCRIPT, &[server.socket.to_str().unwrap()]);
+    assert_eq!(out.trim(), "ok");
+    // Nothing of the refused write reached the disk.
+    let out = qemu_io("raw", &server.unix_uri("big"), &["read -P 0 8192 1M"]);
+    assert!(!out.contains("failed"), "{out}");
+    assert!(server.stop().success());
 }

@@ -76,9 +76,29 @@ pub async fn run(
     }
 }
 
-/// Largest WRITE payload read and discarded when the request is refused;
-/// anything larger cannot be skipped cheaply and ends the connection.
-const MAX_DISCARD: u32 = 64 * 1024 * 1024;
+/// Largest payload of a refused WRITE that is read and discarded (through
+/// a small scratch buffer, taking no budget) so the connection goes on;
+/// a larger one ends the connection: the spec lets a server treat payloads
+/// that large as a denial of service ("Block size constraints").
+const MAX_DISCARD: u32 = 2 * MAX_PAYLOAD;
+
+/// Reads and drops `len` payload bytes of a refused write.
+async fn discard(rd: &mut (impl AsyncRead + Unpin), len: u32) -> std::io::Result<()> {
+    if len > MAX_DISCARD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("refused write of {len} bytes is too large to skip"),
+        ));
+    }
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut left = len as usize;
+    while left > 0 {
+        let n = left.min(scratch.len());
+        rd.read_exact(&mut scratch[..n]).await?;
+        left -= n;
+    }
+    Ok(())
+}
 
 async fn transmission(
     stream: Box<dyn Stream>,
@@ -127,10 +147,10 @@ async fn transmission(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
-        // Reads and writes carry payloads; reserve their bytes first.
+        // Reads and writes carry payloads; reserve their bytes first (a
+        // refused write's payload is skipped, never held).
         let payload_bytes = match checked {
             Ok(Command::Read { len, .. } | Command::Write { len, .. }) => len,
-            _ if raw.kind == CMD_WRITE => raw.len,
             _ => 0,
         };
         let units = payload_bytes.div_ceil(BUDGET_UNIT).min(BUDGET_UNITS as u32);
@@ -139,11 +159,13 @@ async fn transmission(
         };
         let mut payload = Vec::new();
         if raw.kind == CMD_WRITE {
-            if raw.len > MAX_DISCARD {
-                break;
-            }
-            payload = pool.take(raw.len as usize);
-            if rd.read_exact(&mut payload).await.is_err() {
+            if checked.is_ok() {
+                payload = pool.take(raw.len as usize);
+                if rd.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+            } else if let Err(e) = discard(&mut rd, raw.len).await {
+                tracing::debug!(%e, "refused write not skipped");
                 break;
             }
         }
@@ -198,8 +220,10 @@ const INLINE_IO_BYTES: u32 = 64 * 1024;
 /// Payload bytes the whole server holds at once; requests beyond it wait,
 /// unread, in their sockets. One connection can keep 16 requests of 1 MiB
 /// in flight (what QEMU's server allows), and many connections together
-/// still cannot push the server's memory up (a larger single request takes
-/// the whole budget).
+/// still cannot push the server's memory up. A request larger than the
+/// budget (up to `MAX_PAYLOAD`) takes the whole budget, so it runs alone:
+/// payload memory stays under `max(BUDGET_BYTES, MAX_PAYLOAD)` plus the
+/// pool's idle buffers (at most `BUDGET_BYTES`), whatever the clients do.
 const BUDGET_BYTES: u32 = 16 * 1024 * 1024;
 /// Granularity of the byte budget.
 const BUDGET_UNIT: u32 = 64 * 1024;

@@ -123,8 +123,14 @@ pub fn check(r: &RawRequest, l: &Limits) -> Result<Command, u32> {
     if writes && !l.writable {
         return Err(errno::EPERM);
     }
-    if matches!(r.kind, CMD_READ | CMD_WRITE) && len > MAX_PAYLOAD {
+    // Over the advertised maximum: a read may be refused with EOVERFLOW
+    // ("NBD_CMD_READ"); anything else gets EINVAL ("Error values": EOVERFLOW
+    // is for reads and payload-free commands only).
+    if r.kind == CMD_READ && len > MAX_PAYLOAD {
         return Err(errno::EOVERFLOW);
+    }
+    if r.kind == CMD_WRITE && len > MAX_PAYLOAD {
+        return Err(errno::EINVAL);
     }
     if !in_range {
         return Err(if matches!(r.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -288,6 +294,16 @@ mod tests {
                 }
             ),
             Err(errno::EOVERFLOW)
+        );
+        let huge = Limits {
+            size: u64::MAX,
+            ..l
+        };
+        assert!(check(&req(CMD_READ, 0, 0, MAX_PAYLOAD), &huge).is_ok());
+        assert!(check(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD), &huge).is_ok());
+        assert_eq!(
+            check(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 512), &huge),
+            Err(errno::EINVAL)
         );
         assert_eq!(check(&req(99, 0, 0, 0), &l), Err(errno::EINVAL));
         assert_eq!(
