@@ -75,11 +75,24 @@ pub trait Export: Send + Sync {
     fn allocation(&self, offset: u64, len: u64) -> Result<Runs>;
     /// Changed-block status of the range, if the export tracks changes.
     fn dirty(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>>;
-    /// Whether small reads and writes are plain local file I/O (page cache;
-    /// no store, no decompression), cheap enough to run on the async thread
-    /// that received them instead of hopping to the blocking pool.
-    fn cheap_io(&self) -> bool {
-        false
+    /// Reads like [`Export::read`] if that is plain local file I/O (page
+    /// cache; no store, no decompression, no remote), cheap enough to run
+    /// on the async thread that received the request instead of hopping to
+    /// the blocking pool. Otherwise reads nothing and returns `false`: the
+    /// caller then uses [`Export::read`] on a blocking thread.
+    ///
+    /// # Errors
+    /// As [`Export::read`].
+    fn read_cheap(&self, _offset: u64, _buf: &mut [u8]) -> Result<bool> {
+        Ok(false)
+    }
+    /// Writes like [`Export::write`] (without FUA) if that is cheap in the
+    /// same sense; otherwise writes nothing and returns `false`.
+    ///
+    /// # Errors
+    /// As [`Export::write`].
+    fn write_cheap(&self, _offset: u64, _data: &[u8]) -> Result<bool> {
+        Ok(false)
     }
 }
 
@@ -267,8 +280,14 @@ impl Export for ImageExport {
         None
     }
 
-    fn cheap_io(&self) -> bool {
-        true
+    // An image file is local: small requests are page-cache I/O (a qcow2
+    // allocation writes metadata through the page cache too).
+    fn read_cheap(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.read(offset, buf).map(|()| true)
+    }
+
+    fn write_cheap(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        self.write(offset, data, false).map(|()| true)
     }
 }
 
@@ -336,6 +355,13 @@ impl Export for LayerExport {
 
     fn dirty(&self, _: u64, _: u64) -> Option<Vec<(u64, bool)>> {
         None
+    }
+
+    fn read_cheap(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        if !self.image.is_local(offset, buf.len() as u64) {
+            return Ok(false);
+        }
+        self.image.read_at(offset, buf).map(|()| true)
     }
 }
 
@@ -523,5 +549,23 @@ impl Export for DiskExport {
 
     fn dirty(&self, offset: u64, len: u64) -> Option<Vec<(u64, bool)>> {
         Some(self.blockmap().extents(offset, len))
+    }
+
+    // Overlay clusters, and base clusters verified in the cache.
+    fn read_cheap(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.overlay.read_local(offset, buf)
+    }
+
+    // Clusters the overlay holds already: no copy-on-write from the base.
+    fn write_cheap(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        self.check_write(offset, data.len() as u64)?;
+        // Never waits (a commit's snapshot holds writes back).
+        let Ok(_w) = self.writes.try_read() else {
+            return Ok(false);
+        };
+        // Mark first, as in `write`.
+        self.overlay.write_in_place(offset, data, || {
+            self.blockmap().mark(offset, data.len() as u64)
+        })
     }
 }

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, WriteHalf};
 use tokio::sync::{watch, Semaphore};
 
 use crate::error::{errno, Error};
@@ -106,9 +106,13 @@ async fn transmission(
     mut shutdown: watch::Receiver<bool>,
     memory: Arc<Memory>,
 ) -> std::io::Result<()> {
-    let (mut rd, wr) = tokio::io::split(stream);
-    // Each request's task writes its own reply: no extra hop through a
-    // writer task. The mutex keeps replies from interleaving.
+    let (rd, wr) = tokio::io::split(stream);
+    // Buffered: a client keeping many requests in flight sends them back
+    // to back, and one read takes in a batch of headers (and small write
+    // payloads); large payloads bypass the buffer.
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
+    // Requests served on the blocking pool write their own replies; the
+    // mutex keeps replies from interleaving.
     let wr = Arc::new(tokio::sync::Mutex::new(wr));
     let limits = Limits {
         size: n.export.size(),
@@ -128,7 +132,19 @@ async fn transmission(
     let budget = memory.budget.clone();
     let pool = memory.clone();
     let mut header = [0u8; REQUEST_LEN];
+    // Replies of the requests served inline, sent in one write once no
+    // further request is buffered (or the batch is large): one read and
+    // one write system call per batch of requests. (Sending sooner, after
+    // each reply or after 20 µs, to let the client refill the pipeline
+    // earlier, measured no better for 4 KiB requests at queue depth 32.)
+    let mut batch: Vec<u8> = Vec::new();
+    // The payload of a small write, served inline.
+    let mut small = vec![0u8; INLINE_IO_BYTES as usize];
     loop {
+        let more = rd.buffer().len() >= REQUEST_LEN && batch.len() < BATCH_BYTES;
+        if !more && send(&wr, &mut batch).await.is_err() {
+            break;
+        }
         tokio::select! {
             r = rd.read_exact(&mut header) => {
                 if r.is_err() {
@@ -142,6 +158,48 @@ async fn transmission(
         };
         let checked = check(&raw, &limits);
         if checked == Ok(Command::Disc) {
+            break;
+        }
+        // Small reads and writes the export can serve with plain local file
+        // I/O run right here: no task, no hop to the blocking pool, no
+        // buffer of their own.
+        let mut read_ahead = None;
+        match checked {
+            // (`read_inline` answers unless it needs the blocking pool.)
+            Ok(Command::Read { offset, len, .. })
+                if len <= INLINE_IO_BYTES
+                    && shared.read_inline(raw.cookie, offset, len, &mut batch) =>
+            {
+                continue
+            }
+            Ok(Command::Write {
+                offset,
+                len,
+                fua: false,
+            }) if len <= INLINE_IO_BYTES => {
+                let data = &mut small[..len as usize];
+                if rd.buffer().len() < data.len() && send(&wr, &mut batch).await.is_err() {
+                    break;
+                }
+                if rd.read_exact(data).await.is_err() {
+                    break;
+                }
+                match shared.export.write_cheap(offset, data) {
+                    Ok(true) => {
+                        batch.extend_from_slice(&simple_header(raw.cookie, 0));
+                        continue;
+                    }
+                    Ok(false) => read_ahead = Some(&small[..len as usize]),
+                    Err(e) => {
+                        batch.extend(shared.fail(raw.cookie, CMD_WRITE, &e));
+                        continue;
+                    }
+                }
+            }
+            _ => {}
+        }
+        // What was served inline goes out before this request may wait.
+        if send(&wr, &mut batch).await.is_err() {
             break;
         }
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -158,7 +216,10 @@ async fn transmission(
             break;
         };
         let mut payload = Vec::new();
-        if raw.kind == CMD_WRITE {
+        if let Some(data) = read_ahead {
+            payload = pool.take(data.len());
+            payload.copy_from_slice(data);
+        } else if raw.kind == CMD_WRITE {
             if checked.is_ok() {
                 payload = pool.take(raw.len as usize);
                 if rd.read_exact(&mut payload).await.is_err() {
@@ -176,13 +237,6 @@ async fn transmission(
             let cookie = raw.cookie;
             let reply = match checked {
                 Err(e) => shared.error_reply(cookie, raw.kind, e, "invalid request"),
-                Ok(cmd @ (Command::Read { len, .. } | Command::Write { len, .. }))
-                    if len <= INLINE_IO_BYTES && shared.export.cheap_io() =>
-                {
-                    let reply = shared.execute(cookie, cmd, &payload, &pool);
-                    pool.give(payload);
-                    reply
-                }
                 Ok(cmd) => {
                     let s = shared.clone();
                     let p = pool.clone();
@@ -205,16 +259,40 @@ async fn transmission(
             drop(slot);
         });
     }
-    // Let in-flight requests finish and be answered, then close.
+    // Answer what was served inline (the client may be gone: nothing to
+    // do then), let in-flight requests finish and be answered, then close.
+    let _ = send(&wr, &mut batch).await;
     let _ = slots.acquire_many(MAX_IN_FLIGHT as u32).await;
     let _ = wr.lock().await.shutdown().await;
     Ok(())
 }
 
-/// Largest read or write served on the async thread for exports with cheap
-/// I/O (a page-cache `pread`/`pwrite` takes microseconds; the hop to the
-/// blocking pool and back cost more: 4 KiB reads at queue depth 1 went from
-/// ~17k to ~32k IOPS over 4 connections, measured).
+/// Writes the batched replies and empties the batch.
+async fn send(
+    wr: &tokio::sync::Mutex<WriteHalf<Box<dyn Stream>>>,
+    batch: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let r = wr.lock().await.write_all(batch).await;
+    batch.clear();
+    r
+}
+
+/// Read buffer of a connection: 32 small requests with their payloads fit.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Batched inline replies sent once they reach this size, even with more
+/// requests buffered (keeps the batch, and the client's wait, bounded).
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Largest read or write served on the async thread when the export can
+/// do it with local file I/O (a page-cache `pread`/`pwrite` takes
+/// microseconds; the hop to the blocking pool and back cost more: 4 KiB
+/// reads at queue depth 1 went from ~17k to ~32k IOPS over 4 connections,
+/// measured). Reads this small are also sent as one data chunk without
+/// looking for holes: the lookup costs more than the zeros it saves.
 const INLINE_IO_BYTES: u32 = 64 * 1024;
 
 /// Payload bytes the whole server holds at once; requests beyond it wait,
@@ -348,6 +426,40 @@ impl Shared {
         }
     }
 
+    /// Serves a small read right away if the export can do it cheaply,
+    /// appending the reply (one data chunk, or the simple reply) to `out`;
+    /// `false`, with nothing appended, if it needs the blocking pool.
+    fn read_inline(&self, cookie: u64, offset: u64, len: u32, out: &mut Vec<u8>) -> bool {
+        let at = out.len();
+        let head = if self.structured { 28 } else { 16 };
+        out.resize(at + head + len as usize, 0);
+        match self.export.read_cheap(offset, &mut out[at + head..]) {
+            Ok(true) if self.structured => {
+                out[at..at + 20].copy_from_slice(&chunk_header(
+                    cookie,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    8 + len,
+                ));
+                out[at + 20..at + 28].copy_from_slice(&offset.to_be_bytes());
+                true
+            }
+            Ok(true) => {
+                out[at..at + 16].copy_from_slice(&simple_header(cookie, 0));
+                true
+            }
+            Ok(false) => {
+                out.truncate(at);
+                false
+            }
+            Err(e) => {
+                out.truncate(at);
+                out.extend(self.fail(cookie, CMD_READ, &e));
+                true
+            }
+        }
+    }
+
     fn read(&self, cookie: u64, offset: u64, len: u32, df: bool, pool: &Memory) -> Vec<u8> {
         if !self.structured {
             let mut out = pool.take(16 + len as usize);
@@ -360,7 +472,7 @@ impl Shared {
             };
         }
         // Structured: holes as hole chunks (unless DF), data as data chunks.
-        let runs = if df || len < 4096 {
+        let runs = if df || len <= INLINE_IO_BYTES {
             vec![(u64::from(len), Alloc::Data)]
         } else {
             match self.allocation_runs(offset, u64::from(len)) {

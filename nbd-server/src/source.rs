@@ -41,6 +41,13 @@ pub trait ReadAt: Send + Sync {
     /// # Errors
     /// I/O or corruption.
     fn status(&self, offset: u64, len: u64) -> Result<Runs>;
+
+    /// Whether reading `[offset, offset + len)` is plain local file I/O
+    /// (no store, no decompression, no remote): cheap enough for a server's
+    /// async thread. May answer `false` when unsure.
+    fn is_local(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 /// Checks a request against a device size.
@@ -98,6 +105,10 @@ impl ReadAt for RawFile {
         self.file
             .read_exact_at(buf, offset)
             .ctx(&self.path, "read image")
+    }
+
+    fn is_local(&self, _offset: u64, _len: u64) -> bool {
+        true
     }
 
     fn status(&self, offset: u64, len: u64) -> Result<Runs> {

@@ -545,6 +545,25 @@ impl ReadAt for LayerImage {
         Ok(())
     }
 
+    /// Local when every cluster of the range is in the cache and verified
+    /// by this process (holes count as not local: finding them takes the
+    /// manifest).
+    fn is_local(&self, offset: u64, len: u64) -> bool {
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        if len == 0 || check_range(offset, len, self.root.size).is_err() {
+            return false;
+        }
+        // Never waits: a thread filling the cache holds the bits briefly,
+        // and the slow path is right then.
+        let Ok(b) = cache.bits.try_lock() else {
+            return false;
+        };
+        (offset / self.cs..=(offset + len - 1) / self.cs)
+            .all(|c| bit(&b.present, c) && bit(&b.verified, c))
+    }
+
     fn status(&self, offset: u64, len: u64) -> Result<Runs> {
         check_range(offset, len, self.root.size)?;
         let end = offset + len;

@@ -20,6 +20,7 @@
 //! level for the whole binary.
 
 pub mod header;
+mod local;
 mod meta;
 mod repair;
 
@@ -448,19 +449,41 @@ impl Qcow2 {
     /// # Errors
     /// Out of range, I/O, corruption.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_with(offset, buf, false).map(|_| ())
+    }
+
+    fn read_with(&self, offset: u64, buf: &mut [u8], local_only: bool) -> Result<bool> {
         check_range(offset, buf.len() as u64, self.size)?;
         if buf.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
-        let _io = self.layout.read().unwrap_or_else(|p| p.into_inner());
+        // The local-only read never waits for a lock (see `local`).
+        let _io = if local_only {
+            let Some(g) = self.try_layout() else {
+                return Ok(false);
+            };
+            g
+        } else {
+            self.layout.read().unwrap_or_else(|p| p.into_inner())
+        };
         let first = offset >> self.cluster_bits;
         let last = (offset + buf.len() as u64 - 1) >> self.cluster_bits;
         let maps: Vec<Mapping> = {
-            let mut m = self.meta();
+            let mut m = if local_only {
+                let Some(m) = self.try_meta() else {
+                    return Ok(false);
+                };
+                m
+            } else {
+                self.meta()
+            };
             (first..=last)
                 .map(|c| m.lookup(&self.file, c))
                 .collect::<Result<_>>()?
         };
+        if local_only && !self.maps_local(first, &maps) {
+            return Ok(false);
+        }
         let mut done = 0usize;
         let mut i = 0usize;
         while i < maps.len() {
@@ -490,7 +513,7 @@ impl Qcow2 {
             done += n;
             i += run;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `data` at `offset`, allocating (copy-on-write) where needed.
@@ -936,6 +959,10 @@ impl ReadAt for Qcow2 {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         Qcow2::read_at(self, offset, buf)
+    }
+
+    fn is_local(&self, offset: u64, len: u64) -> bool {
+        Qcow2::is_local(self, offset, len)
     }
 
     fn status(&self, offset: u64, len: u64) -> Result<Runs> {

@@ -320,3 +320,60 @@ fn concurrent_writers_keep_the_image_consistent() {
     drop(img);
     check_clean(&path);
 }
+
+/// A backing device that is not local (like a base not cached yet).
+struct Remote(Vec<u8>);
+
+impl ReadAt for Remote {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.0[o..o + buf.len()]);
+        Ok(())
+    }
+    fn status(&self, _offset: u64, len: u64) -> Result<Runs> {
+        Ok(vec![(len, Alloc::Data)])
+    }
+}
+
+#[test]
+fn local_paths_serve_only_what_is_local() {
+    let d = Dir::new();
+    let path = d.p("top.qcow2");
+    let size = 1u64 << 20;
+    Qcow2::create(&path, size).unwrap();
+    let base = pattern(size as usize, 3);
+    let img = Qcow2::open(&path, true, Backing::Device(Arc::new(Remote(base.clone())))).unwrap();
+    let cs = img.cluster_size() as usize;
+    let mut buf = vec![0u8; 8192];
+    // Unallocated over a base that is not local: nothing done.
+    assert!(!img.read_local(0, &mut buf).unwrap());
+    let mut called = 0;
+    let new = pattern(4096, 4);
+    assert!(!img
+        .write_in_place(4096, &new, || {
+            called += 1;
+            Ok(())
+        })
+        .unwrap());
+    assert_eq!(called, 0);
+    // Once the cluster is allocated (copy-on-write), both are local.
+    img.write_at(0, &base[..512]).unwrap();
+    assert!(img
+        .write_in_place(4096, &new, || {
+            called += 1;
+            Ok(())
+        })
+        .unwrap());
+    assert_eq!(called, 1);
+    assert!(img.read_local(0, &mut buf).unwrap());
+    assert_eq!(buf[..4096], base[..4096]);
+    assert_eq!(buf[4096..], new[..]);
+    // A range reaching into the next (unallocated) cluster is not.
+    let mut two = vec![0u8; 4096];
+    assert!(!img.read_local(cs as u64 - 2048, &mut two).unwrap());
+    img.close().unwrap();
+    check_clean(&path);
+}
