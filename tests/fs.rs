@@ -62,17 +62,7 @@ fn comp_env() -> Option<(Env, PathBuf)> {
     }
     let env = Env::new();
     let src = lower_tree(&env);
-    env.tree_layer("os", "os", Some(&src));
-    env.tree_layer("p", "personal", None);
-    env.ok(&[
-        "compose",
-        "create",
-        "c",
-        "--layer",
-        "os=os",
-        "--layer",
-        "personal=p",
-    ]);
+    personal_over_os(&env, &src);
     Some((env, src))
 }
 

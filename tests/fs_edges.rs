@@ -33,17 +33,7 @@ fn simple() -> Option<Env> {
     let env = Env::new();
     let os = env.path("os-src");
     write(&os.join("etc/motd"), b"hi\n");
-    env.tree_layer("os", "os", Some(&os));
-    env.tree_layer("p", "personal", None);
-    env.ok(&[
-        "compose",
-        "create",
-        "c",
-        "--layer",
-        "os=os",
-        "--layer",
-        "personal=p",
-    ]);
+    personal_over_os(&env, &os);
     Some(env)
 }
 
@@ -203,22 +193,14 @@ fn paths_near_path_max_work_like_on_a_local_file_system() {
     drop(fd);
     assert_eq!(st(&lower).unwrap().st_size, 8);
     // status and commit walk the long paths too.
-    let p = env
-        .status("c")
-        .into_iter()
-        .find(|l| l.layer == "p")
-        .unwrap();
+    let p = layer(&env.status("c"), "p").clone();
     let shown = String::from_utf8_lossy(&f).into_owned();
     assert!(p.added.iter().any(|a| a == &format!("/{shown}")), "{p:?}");
     drop(root);
     m.umount();
     // (cp -a cannot copy such a tree: the committed one is checked by hand.)
     env.ok(&["commit", "c", "-m", "session"]);
-    let p = env
-        .status("c")
-        .into_iter()
-        .find(|l| l.layer == "p")
-        .unwrap();
+    let p = layer(&env.status("c"), "p").clone();
     assert!(
         p.added.is_empty() && p.changed.is_empty() && p.deleted.is_empty(),
         "{p:?}"
@@ -387,21 +369,13 @@ fn status_and_the_mount_agree_on_entries_placed_in_an_upper_root() {
     let upper = id.join("upper/1");
     fs::create_dir_all(&upper).unwrap();
     fs::write(upper.join("placed"), b"from outside\n").unwrap();
-    let p = env
-        .status("c")
-        .into_iter()
-        .find(|l| l.layer == "p")
-        .unwrap();
+    let p = layer(&env.status("c"), "p").clone();
     assert_eq!(p.added, ["/placed"]);
     assert!(p.changed.is_empty(), "{p:?}");
     let m = env.mount("c");
     assert_eq!(fs::read(m.p("placed")).unwrap(), b"from outside\n");
     assert_eq!(fs::read(m.p("etc/motd")).unwrap(), b"hi\n");
-    let p = env
-        .status("c")
-        .into_iter()
-        .find(|l| l.layer == "p")
-        .unwrap();
+    let p = layer(&env.status("c"), "p").clone();
     assert_eq!(p.added, ["/placed"]);
     assert!(
         p.changed.is_empty(),

@@ -221,3 +221,19 @@ pub fn desktop(mode: &str) -> Option<Env> {
 pub fn layer<'a>(st: &'a [LayerStatus], name: &str) -> &'a LayerStatus {
     st.iter().find(|l| l.layer == name).unwrap()
 }
+
+/// Layers `os` (imported from `src`) and `p` (personal, empty), composed
+/// as `c`.
+pub fn personal_over_os(env: &Env, src: &Path) {
+    env.tree_layer("os", "os", Some(src));
+    env.tree_layer("p", "personal", None);
+    env.ok(&[
+        "compose",
+        "create",
+        "c",
+        "--layer",
+        "os=os",
+        "--layer",
+        "personal=p",
+    ]);
+}
