@@ -399,28 +399,10 @@ pub fn run(
     seconds: u64,
     out: &Out,
 ) -> anyhow::Result<NbdReport> {
-    let qemu_nbd_version = Command::new("qemu-nbd")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_owned)
-        })
-        .context("qemu-nbd not found (apt-get install qemu-utils)")?;
-    let nbdkit_version = Command::new("nbdkit")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(str::to_owned)
-        })
-        .context("nbdkit not found (apt-get install nbdkit)")?;
+    let qemu_nbd_version =
+        version_line("qemu-nbd").context("qemu-nbd not found (apt-get install qemu-utils)")?;
+    let nbdkit_version =
+        version_line("nbdkit").context("nbdkit not found (apt-get install nbdkit)")?;
     let lam = |args: &[&str], store: &Path| -> anyhow::Result<()> {
         run_ok(
             Command::new(lamina)
@@ -580,4 +562,13 @@ pub fn render(r: &NbdReport) -> String {
         bytes(r.qemu_nbd_rss_10g_bytes)
     ));
     s
+}
+
+/// The first line `TOOL --version` prints, if the tool runs.
+fn version_line(tool: &str) -> Option<String> {
+    let out = Command::new(tool).arg("--version").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_owned)
 }
